@@ -1,0 +1,169 @@
+"""The `Adapter` value type and PEFT-folder I/O.
+
+An adapter is named tensors plus the PEFT `adapter_config.json` that gives them meaning.
+Reading and writing use the PEFT folder layout so that `PeftModel.from_pretrained` loads
+what `adb` writes and `adb` imports what PEFT saves.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from adapterdb.errors import AdbError, NotFoundError
+from adapterdb.tensorfile import RawTensor, read_safetensors, write_safetensors
+
+if TYPE_CHECKING:
+    import torch
+
+CONFIG_FILE = "adapter_config.json"
+WEIGHTS_FILE = "adapter_model.safetensors"
+
+
+@dataclass
+class Adapter:
+    """Named tensors (a LoRA's A/B factors, or a dense delta) and their PEFT config."""
+
+    tensors: dict[str, torch.Tensor]
+    config: dict[str, Any] = field(default_factory=dict)
+    metadata: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def num_parameters(self) -> int:
+        return sum(t.numel() for t in self.tensors.values())
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.tensors.values())
+
+
+def check_finite(tensors: Mapping[str, RawTensor], where: str) -> None:
+    """Refuse NaN/inf: a non-finite weight would poison every later merge silently."""
+    for name, t in tensors.items():
+        if t.nonfinite():
+            raise AdbError(
+                f"{where}: tensor '{name}' contains NaN or inf; fix the training run that "
+                "produced it (or drop the tensor) before importing"
+            )
+
+
+def read_peft_config(path: Path) -> dict[str, Any]:
+    """Read `adapter_config.json`, failing with a fix-it message when it is absent or bad."""
+    cfg_path = path / CONFIG_FILE
+    if not cfg_path.is_file():
+        raise AdbError(
+            f"{path} is not a PEFT adapter folder: {CONFIG_FILE} is missing "
+            "(save one with model.save_pretrained(DIR))"
+        )
+    try:
+        config = json.loads(cfg_path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        raise AdbError(f"{cfg_path} is not valid JSON; re-save the adapter") from None
+    if not isinstance(config, dict):
+        raise AdbError(f"{cfg_path} must hold a JSON object, not {type(config).__name__}")
+    return config
+
+
+def read_peft_raw(
+    path: str | os.PathLike[str],
+) -> tuple[dict[str, Any], dict[str, RawTensor], dict[str, str]]:
+    """Read a PEFT folder as (config, raw tensors, safetensors metadata), without torch."""
+    folder = Path(path)
+    if not folder.is_dir():
+        raise NotFoundError(f"{folder} is not a folder; pass a PEFT adapter folder")
+    config = read_peft_config(folder)
+    weights = folder / WEIGHTS_FILE
+    if not weights.is_file():
+        raise AdbError(
+            f"{folder} is not a PEFT adapter folder: {WEIGHTS_FILE} is missing "
+            "(save with safe_serialization=True)"
+        )
+    tensors, metadata = read_safetensors(weights)
+    if not tensors:
+        raise AdbError(f"{weights} holds no tensors; nothing to import")
+    check_finite(tensors, str(weights))
+    return config, tensors, metadata
+
+
+def write_peft_raw(
+    path: str | os.PathLike[str],
+    config: Mapping[str, Any],
+    tensors: Mapping[str, RawTensor],
+    metadata: Mapping[str, str] | None = None,
+) -> Path:
+    """Write a PEFT folder from raw tensors; each file lands atomically."""
+    folder = Path(path)
+    folder.mkdir(parents=True, exist_ok=True)
+    write_safetensors(folder / WEIGHTS_FILE, tensors, {"format": "pt", **(metadata or {})})
+    tmp = folder / f".{CONFIG_FILE}.tmp{os.getpid()}"
+    tmp.write_text(json.dumps(dict(config), indent=2, sort_keys=True) + "\n")
+    os.replace(tmp, folder / CONFIG_FILE)
+    return folder
+
+
+def load_peft(path: str | os.PathLike[str]) -> Adapter:
+    """Load a PEFT folder (`adapter_config.json` + `adapter_model.safetensors`) as torch tensors."""
+    config, raw, metadata = read_peft_raw(path)
+    return Adapter({k: to_torch(v) for k, v in raw.items()}, config, metadata)
+
+
+def save_peft(adapter: Adapter, path: str | os.PathLike[str]) -> Path:
+    """Write `adapter` as a PEFT folder that `PeftModel.from_pretrained` loads."""
+    raw = {k: from_torch(v) for k, v in adapter.tensors.items()}
+    return write_peft_raw(path, adapter.config, raw, adapter.metadata)
+
+
+_TORCH_DTYPES = {
+    "F64": "float64",
+    "F32": "float32",
+    "F16": "float16",
+    "BF16": "bfloat16",
+    "I64": "int64",
+    "I32": "int32",
+    "I16": "int16",
+    "I8": "int8",
+    "U8": "uint8",
+    "BOOL": "bool",
+}
+
+
+def to_torch(raw: RawTensor) -> torch.Tensor:
+    """A torch tensor over (a copy of) the raw bytes."""
+    import torch
+
+    dtype = getattr(torch, _TORCH_DTYPES[raw.dtype])
+    if raw.numel == 0:
+        return torch.empty(raw.shape, dtype=dtype)
+    return torch.frombuffer(bytearray(raw.data), dtype=dtype).reshape(raw.shape)
+
+
+def from_torch(t: torch.Tensor) -> RawTensor:
+    """The raw little-endian bytes of a CPU tensor."""
+    import torch
+
+    code = {v: k for k, v in _TORCH_DTYPES.items()}[str(t.dtype).removeprefix("torch.")]
+    flat = t.detach().cpu().contiguous().reshape(-1)
+    data = flat.view(torch.uint8).numpy() if flat.numel() else np.empty(0, np.uint8)
+    return RawTensor(code, tuple(t.shape), data)
+
+
+def lora_scale(config: Mapping[str, Any], module: str, rank: int) -> float:
+    """The LoRA scaling s in ΔW = B·A·s for one module, as PEFT computes it.
+
+    Honours `alpha_pattern`/`rank_pattern` (matched on the module name's suffix, as PEFT
+    does) and `use_rslora` (s = α/√r instead of α/r).
+    """
+    alpha = float(config.get("lora_alpha", rank))
+    for key, value in (config.get("alpha_pattern") or {}).items():
+        if module == key or module.endswith("." + key):
+            alpha = float(value)
+    if config.get("use_rslora"):
+        return alpha / math.sqrt(rank)
+    return alpha / rank

@@ -1,0 +1,1 @@
+"""The `adb` command line (installs as adapterdb.cli)."""

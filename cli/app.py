@@ -1,0 +1,64 @@
+"""The `adb` typer application: global options, verb registration, error handling.
+
+Verbs live in one module per group; this module only wires them together and turns every
+`AdbError` into one line on stderr with a non-zero exit code (no traceback).
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+import typer
+
+from adapterdb.errors import AdbError
+
+app = typer.Typer(
+    name="adb",
+    help="AdapterDB: version control and continual merging for LoRA adapters.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+)
+
+
+@app.callback()
+def root(
+    store: str = typer.Option(
+        None, "--store", envvar="ADB_STORE", help="Store path (default: nearest .adb upwards)."
+    ),
+) -> None:
+    """Global options."""
+    if store:
+        os.environ["ADB_STORE"] = store
+
+
+def _register() -> None:
+    from adapterdb.cli import history, maintenance, merge
+
+    for module in (history, maintenance, merge):
+        module.register(app)
+
+
+def main() -> None:
+    _register()
+    try:
+        app()
+    except AdbError as exc:
+        from adapterdb.cli.output import err_console
+
+        err_console.print(f"[bold red]error:[/] {exc}", soft_wrap=True)
+        sys.exit(exc.exit_code)
+    except OSError as exc:  # disk full, permission denied, ...: the OS's words, one line
+        from adapterdb.cli.output import err_console
+
+        where = f" ({exc.filename})" if exc.filename else ""
+        err_console.print(f"[bold red]error:[/] {exc.strerror or exc}{where}", soft_wrap=True)
+        sys.exit(1)
+    except KeyboardInterrupt:
+        sys.stderr.write("interrupted; the store is unchanged (refs move only at the end)\n")
+        sys.exit(130)
+
+
+if __name__ == "__main__":
+    main()

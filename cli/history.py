@@ -1,0 +1,340 @@
+"""History verbs: init, import, log, show, checkout, diff, branch, tag."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import typer
+from rich.table import Table
+
+from adapterdb.adapter import WEIGHTS_FILE, read_peft_raw, write_peft_raw
+from adapterdb.cli.output import console, emit_json, fmt, human_bytes, short, when
+from adapterdb.errors import AdbError
+from adapterdb.storage.commits import Commit, check_task_name
+from adapterdb.storage.refs import HEADS, TAGS, check_ref_name
+from adapterdb.storage.store import Store
+
+JSON = typer.Option(False, "--json", help="Print a JSON document instead of a table.")
+
+
+def init(path: Path = typer.Argument(Path("."), help="Folder to create .adb in.")) -> None:
+    """Create an empty store (`PATH/.adb`)."""
+    store = Store.init(path)
+    console.print(f"Initialised empty adb store in {store.root}")
+
+
+def import_(
+    peft_dir: Path = typer.Argument(..., help="A PEFT adapter folder."),
+    task: str = typer.Option(None, "--task", help="Task this adapter was trained on."),
+    branch: str = typer.Option(
+        None, "--branch", "-b", help="Branch to commit to (default: HEAD's)."
+    ),
+    message: str = typer.Option("", "--message", "-m"),
+) -> None:
+    """Commit a PEFT adapter folder (Linear and Conv LoRA, any dtype)."""
+    store = Store.find()
+    if task is not None:
+        check_task_name(task)
+    branch = check_ref_name(branch) if branch else store.refs.current_branch()
+    config, tensors, metadata = read_peft_raw(peft_dir)
+    with console.status(f"storing {len(tensors)} tensors", spinner="dots"):
+        manifest = store.put_adapter(tensors, config, metadata)
+    commit = Commit(
+        manifest=manifest,
+        kind="import",
+        task=task,
+        base_model=config.get("base_model_name_or_path"),
+        message=message or f"import {peft_dir}",
+    )
+    oid = store.commit(commit, branch, retries=20)
+    console.print(
+        f"[{branch} {short(oid)}] import: {len(tensors)} tensors from {peft_dir}", markup=False
+    )
+
+
+def _commit_row(oid: str, c: Commit) -> dict[str, Any]:
+    return {
+        "id": oid,
+        "time": c.time,
+        "kind": c.kind,
+        "task": c.task,
+        "method": c.method,
+        "params": c.params,
+        "parents": list(c.parents),
+        "sources": list(c.sources),
+        "eval": c.eval,
+        "message": c.message,
+        "author": c.author,
+    }
+
+
+def _metrics_cell(c: Commit) -> str:
+    acc = c.eval.get("accuracy") if isinstance(c.eval, dict) else None
+    if isinstance(acc, dict) and acc:
+        return " ".join(f"{k}={v:.3f}" for k, v in acc.items() if isinstance(v, int | float))
+    return ""
+
+
+def log(
+    rev: str = typer.Argument("HEAD", help="Revision to start from."),
+    limit: int = typer.Option(None, "-n", "--max-count", help="Show at most N commits."),
+    as_json: bool = JSON,
+) -> None:
+    """History of a revision: kind, task, method, metrics, message."""
+    store = Store.find()
+    entries = store.log(rev, limit)
+    if as_json:
+        emit_json([_commit_row(oid, c) for oid, c in entries])
+        return
+    table = Table(box=None, pad_edge=False)
+    for col in ("commit", "date (UTC)", "kind", "task", "method", "metrics", "message"):
+        table.add_column(col)
+    for oid, c in entries:
+        table.add_row(
+            short(oid),
+            when(c.time),
+            c.kind,
+            c.task or "",
+            c.method or "",
+            _metrics_cell(c),
+            c.message,
+        )
+    console.print(table)
+
+
+def show(
+    rev: str = typer.Argument("HEAD"),
+    tensors: bool = typer.Option(False, "--tensors", help="List every tensor."),
+    as_json: bool = JSON,
+) -> None:
+    """One commit in detail: tensors, parameters, bytes raw and stored."""
+    store = Store.find()
+    oid = store.resolve(rev)
+    c = store.read_commit(oid)
+    m = store.read_manifest(c.manifest)
+    raw = sum(e.numel * _itemsize(e.dtype) for e in m.tensors.values())
+    stored = store.stored_bytes(m)
+    doc = {
+        **_commit_row(oid, c),
+        "manifest": c.manifest,
+        "base_model": c.base_model,
+        "provenance": c.provenance,
+        "stats": c.stats,
+        "triggers": {k: {"scale": t.scale, "tensors": len(t.masks)} for k, t in c.triggers.items()},
+        "tensor_count": len(m.tensors),
+        "parameters": sum(e.numel for e in m.tensors.values()),
+        "bytes_raw": raw,
+        "bytes_stored": stored,
+        "peft_config": m.config,
+    }
+    if tensors:
+        doc["tensors"] = {
+            k: {"dtype": e.dtype, "shape": list(e.shape), "id": e.id} for k, e in m.tensors.items()
+        }
+    if as_json:
+        emit_json(doc)
+        return
+    console.print(f"[bold]commit {oid}[/]")
+    for key in ("kind", "task", "method", "base_model", "author", "message"):
+        if doc[key]:
+            console.print(f"{key:>12}: {doc[key]}")
+    console.print(f"{'time':>12}: {when(c.time)} UTC")
+    if c.parents:
+        console.print(f"{'parents':>12}: {' '.join(short(p) for p in c.parents)}")
+    if c.sources:
+        console.print(f"{'sources':>12}: {' '.join(short(p) for p in c.sources)}")
+    if c.params:
+        console.print(f"{'params':>12}: {c.params}")
+    if c.provenance:
+        p = c.provenance
+        dirty = " (dirty)" if p.get("dirty") else ""
+        console.print(f"{'code':>12}: {p.get('repo')} @ {short(p.get('commit'))}{dirty}")
+    ratio = stored / raw if raw else 0.0
+    console.print(
+        f"{'tensors':>12}: {len(m.tensors)} ({doc['parameters']:,} parameters), "
+        f"{human_bytes(raw)} raw, {human_bytes(stored)} stored ({ratio:.2f}x)"
+    )
+    for task, trig in doc["triggers"].items():
+        console.print(f"{'trigger':>12}: {task} scale={trig['scale']:.4f} masks={trig['tensors']}")
+    if c.eval:
+        console.print(f"{'eval':>12}: {c.eval}")
+    if tensors:
+        for name, e in m.tensors.items():
+            console.print(f"  {name}  {e.dtype} {list(e.shape)}  {short(e.id)}")
+
+
+def _itemsize(dtype: str) -> int:
+    from adapterdb.tensorfile import DTYPES
+
+    return DTYPES[dtype][0]
+
+
+def checkout(
+    rev: str = typer.Argument(..., help="Revision to write out."),
+    out: Path = typer.Option(..., "-o", "--output", help="Folder to write the PEFT adapter to."),
+    tensor: str = typer.Option(None, "--tensor", help="Only tensors matching this glob."),
+    force: bool = typer.Option(False, "--force", help="Overwrite an adapter already in OUT."),
+) -> None:
+    """Write a revision as a PEFT folder (`PeftModel.from_pretrained` loads it)."""
+    store = Store.find()
+    oid = store.resolve(rev)
+    m = store.read_manifest(store.read_commit(oid).manifest)
+    if (out / WEIGHTS_FILE).exists() and not force:
+        raise AdbError(
+            f"{out} already holds an adapter; pass --force to overwrite or pick another -o"
+        )
+    with console.status("decoding tensors", spinner="dots"):
+        tensors = store.load_tensors(m, tensor)
+    write_peft_raw(out, m.config, tensors, m.metadata)
+    console.print(f"wrote {len(tensors)} tensors of {short(oid)} to {out}")
+
+
+def diff(
+    a: str = typer.Argument(..., help="Old revision (or PEFT folder)."),
+    b: str = typer.Argument(..., help="New revision (or PEFT folder)."),
+    top: int = typer.Option(20, "--top", help="Rows to print, most changed first (0 = all)."),
+    as_json: bool = JSON,
+) -> None:
+    """Per tensor: relative L2, cosine, sign agreement, changed fraction; LoRA also on ΔW."""
+    from adapterdb.compare import diff_adapters
+
+    side_a, side_b = _diff_side(a), _diff_side(b)
+    result = diff_adapters(*side_a, *side_b)
+    if as_json:
+        emit_json(result)
+        return
+    for title, rows, summary in (
+        ("tensors", result["tensors"], result["summary"]),
+        ("ΔW = B·A·scale per LoRA layer", result["delta_w"], result["summary_delta_w"]),
+    ):
+        if not rows:
+            continue
+        table = Table(title=title, box=None, pad_edge=False)
+        for col in ("name", "rel L2", "cosine", "sign agree", "changed"):
+            table.add_column(col, justify="left" if col == "name" else "right")
+        ranked = sorted(rows.items(), key=lambda kv: -kv[1]["rel_l2"])
+        for name, r in ranked[: top or None]:
+            table.add_row(
+                name,
+                fmt(r["rel_l2"]),
+                fmt(r["cosine"]),
+                fmt(r["sign_agreement"]),
+                fmt(r["changed"]),
+            )
+        if top and len(ranked) > top:
+            table.add_row(f"... {len(ranked) - top} more (--top 0 shows all)", "", "", "", "")
+        table.add_row(
+            "[bold]summary[/]",
+            fmt(summary["rel_l2"]),
+            fmt(summary["cosine"]),
+            fmt(summary["sign_agreement"]),
+            fmt(summary["changed"]),
+        )
+        console.print(table)
+    for key, label in (("only_a", a), ("only_b", b), ("shape_mismatch", "both, shapes differ")):
+        if result[key]:
+            console.print(
+                f"{len(result[key])} tensor(s) only in {label}: {', '.join(result[key][:5])}"
+            )
+
+
+def _diff_side(spec: str) -> tuple[list[str], Any, dict[str, Any]]:
+    """(names, loader, PEFT config) for a store revision or a PEFT folder."""
+    from adapterdb.adapter import to_torch
+
+    if Path(spec).is_dir():
+        config, raw, _ = read_peft_raw(spec)
+        return sorted(raw), lambda n: to_torch(raw[n]), config
+    store = Store.find()
+    m = store.manifest_of(spec)
+    return (
+        sorted(m.tensors),
+        lambda n: to_torch(store.objects.get_tensor(m.tensors[n].id)),
+        m.config,
+    )
+
+
+def _list_refs(refs: dict[str, str], current: str | None, as_json: bool) -> None:
+    if as_json:
+        emit_json([{"name": k, "commit": v, "current": k == current} for k, v in refs.items()])
+        return
+    for name, oid in refs.items():
+        mark = "*" if name == current else " "
+        console.print(f"{mark} {name:<30} {short(oid)}")
+
+
+def branch(
+    name: str = typer.Argument(None, help="Branch to create (omit to list)."),
+    start: str = typer.Argument("HEAD", help="Where the new branch starts."),
+    delete: bool = typer.Option(False, "-d", "--delete", help="Delete the branch."),
+    switch: bool = typer.Option(False, "--switch", "-s", help="Make it HEAD's branch."),
+    as_json: bool = JSON,
+) -> None:
+    """List, create, delete or switch branches."""
+    store = Store.find()
+    if name is None:
+        ref, _ = store.refs.head()
+        current = ref[len(HEADS) :] if ref and ref.startswith(HEADS) else None
+        _list_refs(store.branches(), current, as_json)
+        return
+    check_ref_name(name)
+    ref = HEADS + name
+    existing = store.refs.read(ref)
+    if delete:
+        if existing is None:
+            raise AdbError(f"branch '{name}' does not exist; `adb branch` lists branches")
+        if store.refs.head()[0] == ref:
+            raise AdbError(f"branch '{name}' is HEAD's branch; switch to another one first")
+        store.refs.update(ref, None, existing, f"branch: delete {name}")
+        console.print(f"deleted branch {name} (was {short(existing)})")
+        return
+    if existing is None:
+        empty = start == "HEAD" and store.refs.head()[1] is None
+        if not empty:
+            store.refs.update(ref, store.resolve(start), None, f"branch: create from {start}")
+            console.print(f"created branch {name} at {short(store.refs.read(ref))}")
+    elif not switch:
+        raise AdbError(f"branch '{name}' already exists; pass --switch to make it current")
+    if switch:
+        store.refs.set_head(name)
+        console.print(f"HEAD is now on branch {name}")
+
+
+def tag(
+    name: str = typer.Argument(None, help="Tag to create (omit to list)."),
+    rev: str = typer.Argument("HEAD", help="Revision to tag."),
+    delete: bool = typer.Option(False, "-d", "--delete", help="Delete the tag."),
+    as_json: bool = JSON,
+) -> None:
+    """List, create or delete tags (immutable names for commits)."""
+    store = Store.find()
+    if name is None:
+        _list_refs(store.tags(), None, as_json)
+        return
+    ref = TAGS + check_ref_name(name, "tag")
+    existing = store.refs.read(ref)
+    if delete:
+        if existing is None:
+            raise AdbError(f"tag '{name}' does not exist; `adb tag` lists tags")
+        store.refs.update(ref, None, existing, f"tag: delete {name}")
+        console.print(f"deleted tag {name}")
+        return
+    if existing is not None:
+        raise AdbError(
+            f"tag '{name}' already exists (at {short(existing)}); delete it first with -d"
+        )
+    oid = store.resolve(rev)
+    store.refs.update(ref, oid, None, f"tag: {name}")
+    console.print(f"tagged {short(oid)} as {name}")
+
+
+def register(app: typer.Typer) -> None:
+    app.command()(init)
+    app.command("import")(import_)
+    app.command()(log)
+    app.command()(show)
+    app.command()(checkout)
+    app.command()(diff)
+    app.command()(branch)
+    app.command()(tag)

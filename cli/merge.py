@@ -1,0 +1,209 @@
+"""Merge verbs: merge, align, decouple (thin: parse, call trainers.merge, print)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+from rich.table import Table
+
+from adapterdb.adapter import WEIGHTS_FILE, write_peft_raw
+from adapterdb.cli.history import JSON
+from adapterdb.cli.output import console, emit_json, err_console, fmt, short
+from adapterdb.errors import AdbError
+from adapterdb.storage.refs import check_ref_name
+from adapterdb.storage.store import Store
+
+
+def _store_or_none(specs: list[str]) -> Store | None:
+    """Folders-only merges work without a store; anything else needs one."""
+    try:
+        return Store.find()
+    except AdbError:
+        if all(Path(s).is_dir() for s in specs):
+            return None
+        raise
+
+
+def _fresh_output(out: Path, force: bool) -> None:
+    if (out / WEIGHTS_FILE).exists() and not force:
+        raise AdbError(
+            f"{out} already holds an adapter; pass --force to overwrite or pick another -o"
+        )
+
+
+def merge(
+    sources: list[str] = typer.Argument(None, help="Store revisions or PEFT folders."),
+    method: str = typer.Option(
+        ..., "--method", "-M", help="pam, average, ties, dare, magmax, tall, condu, ..."
+    ),
+    param: list[str] = typer.Option(
+        [], "--param", "-p", help="Method parameter key=value (repeatable)."
+    ),
+    space: str = typer.Option(
+        "factors", "--space", help="factors (A, B separately) or product (ΔW)."
+    ),
+    rank: int = typer.Option(
+        None, "--rank", help="Product space: rank to refactor to (default: largest input)."
+    ),
+    out: Path = typer.Option(
+        None, "-o", "--output", help="Write a PEFT folder (standalone merge)."
+    ),
+    into: str = typer.Option(
+        None, "--into", help="Merge into this branch's global adapter and commit."
+    ),
+    force: bool = typer.Option(
+        False, "--force", help="PAM: accept experts trained without alignment; -o: overwrite."
+    ),
+    message: str = typer.Option("", "--message", "-m"),
+) -> None:
+    """Merge adapters: into a new PEFT folder (-o) or into a branch (--into, the continual step)."""
+    from adapterdb.merging import registry
+    from adapterdb.trainers import merge as wf
+
+    sources = sources or []
+    if (out is None) == (into is None):
+        raise AdbError(
+            "say where the result goes: -o DIR (a PEFT folder) or --into BRANCH (a commit)"
+        )
+    algo = wf.ALIASES.get(method, method)
+    params = registry.parse_params(algo, param)
+    if out is not None:
+        if method == "condu":
+            raise AdbError(
+                "condu keeps triggers in the store; use --into BRANCH, then `adb decouple`"
+            )
+        if len(sources) < 1:
+            raise AdbError("pass the adapters to merge: adb merge --method M SRC1 SRC2 ... -o DIR")
+        _fresh_output(out, force)
+        store = _store_or_none(sources)
+        srcs = [wf.open_source(s, store) for s in sources]
+        warnings = wf.check_pam(srcs, force) if method == "pam" else []
+        result = wf.merge(algo, params, srcs, space, rank)
+        with console.status(f"merging {len(srcs)} adapters ({method}, {space})", spinner="dots"):
+            raw = wf.to_raw(result.tensors)
+        write_peft_raw(out, result.config, raw, {})
+        _report(warnings, result.errors)
+        console.print(f"wrote {len(raw)} merged tensors to {out}")
+        return
+    store = Store.find()
+    with console.status(f"merging into {into} ({method}, {space})", spinner="dots"):
+        outcome = wf.merge_into(
+            store, check_ref_name(into), method, params, sources, space, rank, force, message
+        )
+    _report(outcome.warnings, outcome.errors)
+    console.print(f"[{into} {short(outcome.commit_id)}] merge ({method})", markup=False)
+
+
+def _report(warnings: list[str], errors: dict[str, float]) -> None:
+    for w in warnings:
+        err_console.print(f"warning: {w}", soft_wrap=True, markup=False)
+    if errors:
+        worst = max(errors.items(), key=lambda kv: kv[1])
+        mean = sum(errors.values()) / len(errors)
+        console.print(
+            f"refactoring error (rel. Frobenius): mean {mean:.2e}, max {worst[1]:.2e} ({worst[0]})"
+        )
+
+
+def align(
+    expert: str = typer.Argument(..., help="Expert: a revision or PEFT folder."),
+    against: str = typer.Option(
+        ..., "--against", help="Global adapter: a revision or PEFT folder."
+    ),
+    p: float = typer.Option(
+        50.0, "-p", help="Percent of the largest |W_G| that must agree in sign."
+    ),
+    scope: str = typer.Option("global", "--scope", help="global (one threshold) or tensor."),
+    reinit: str = typer.Option(
+        "global", "--reinit", help="Reset misaligned weights to W_G (global) or 0."
+    ),
+    report: bool = typer.Option(
+        False, "--report", help="Only print the per-tensor conflict fractions."
+    ),
+    out: Path = typer.Option(None, "-o", "--output", help="Write the aligned expert here."),
+    force: bool = typer.Option(False, "--force", help="Overwrite an adapter already in OUT."),
+    as_json: bool = JSON,
+) -> None:
+    """PAM alignment after the fact: re-initialise sign conflicts in the top-p% of |W_G|."""
+    from adapterdb.adapter import from_torch
+    from adapterdb.alignment import align_adapter_, alignment_report, alignment_thresholds
+    from adapterdb.trainers import merge as wf
+
+    if not report and out is None:
+        raise AdbError("pass -o DIR to write the aligned expert, or --report to only inspect")
+    store = _store_or_none([expert, against])
+    e, g = wf.open_source(expert, store), wf.open_source(against, store)
+    names = list(g.tensors)
+    glob = {n: g.tensors[n] for n in names}
+    if report:
+        rep = alignment_report(e.tensors, glob, p, scope)  # type: ignore[arg-type]
+    else:
+        _fresh_output(out, force)
+        live = {n: e.tensors[n].clone() for n in e.tensors}
+        rep = align_adapter_(live, glob, alignment_thresholds(glob, p, scope), reinit)  # type: ignore[arg-type]
+        write_peft_raw(out, e.config, {n: from_torch(t) for n, t in live.items()}, {})
+    rows = {
+        n: {
+            "sign_conflicts": s.conflict_fraction,
+            "misaligned_top_p": s.misaligned_fraction,
+            "numel": s.numel,
+        }
+        for n, s in rep.tensors.items()
+    }
+    total = rep.total
+    summary = {
+        "sign_conflicts": total.conflict_fraction,
+        "misaligned_top_p": total.misaligned_fraction,
+        "reset_fraction": rep.reset_fraction if not report else 0.0,
+    }
+    if as_json:
+        emit_json({"p": p, "scope": scope, "tensors": rows, "summary": summary})
+    else:
+        table = Table(box=None, pad_edge=False)
+        for col in ("tensor", "sign conflicts", f"misaligned in top {p:g}%"):
+            table.add_column(col, justify="left" if col == "tensor" else "right")
+        for n, r in rows.items():
+            table.add_row(n, fmt(r["sign_conflicts"]), fmt(r["misaligned_top_p"]))
+        table.add_row(
+            "[bold]all[/]", fmt(summary["sign_conflicts"]), fmt(summary["misaligned_top_p"])
+        )
+        console.print(table)
+        if not report:
+            console.print(
+                f"re-initialised {summary['reset_fraction']:.2%} of the weights; wrote {out}"
+            )
+
+
+def decouple(
+    rev: str = typer.Argument(..., help="A ConDU commit."),
+    task: str = typer.Option(None, "--task", help="The task whose expert to rebuild."),
+    all_tasks: bool = typer.Option(
+        False, "--all", help="Rebuild every task, one folder each under OUT."
+    ),
+    out: Path = typer.Option(..., "-o", "--output"),
+    force: bool = typer.Option(False, "--force", help="Overwrite adapters already in OUT."),
+) -> None:
+    """Rebuild a task's expert from a ConDU commit (unified delta + trigger) as a PEFT folder."""
+    from adapterdb.trainers import merge as wf
+
+    store = Store.find()
+    if (task is None) == (not all_tasks):
+        raise AdbError("pass --task T for one expert or --all for every task")
+    tasks = list(store.read_commit(store.resolve(rev)).triggers) if all_tasks else [task]
+    if not tasks:
+        raise AdbError(
+            f"{rev} is not a ConDU commit (it has no triggers); merge with --method condu"
+        )
+    for t in tasks:
+        target = out / t if all_tasks else out
+        _fresh_output(target, force)
+        raw, config = wf.decouple_task(store, rev, t)
+        write_peft_raw(target, config, raw, {})
+        console.print(f"rebuilt expert '{t}' -> {target}")
+
+
+def register(app: typer.Typer) -> None:
+    app.command()(merge)
+    app.command()(align)
+    app.command()(decouple)

@@ -1,0 +1,442 @@
+"""Store-aware merge workflows: resolve sources, run the algebra, write a folder or a commit.
+
+The algebra (`adapterdb.merging`, `adapterdb.lowrank`, `adapterdb.alignment`) works on named
+tensors; this module feeds it from store revisions or PEFT folders, lazily and tensor by
+tensor, and records what it did (method, parameters, sources, refactoring error, ConDU
+triggers) in the commit.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from adapterdb.adapter import from_torch, lora_scale, read_peft_raw, to_torch
+from adapterdb.errors import AdbError, MismatchError
+from adapterdb.lora import delta_weight, lora_pairs, module_path, pair_scale
+from adapterdb.lowrank import dense_refactor, refactor
+from adapterdb.merging import registry
+from adapterdb.merging.condu import Unifier, decouple
+from adapterdb.storage.commits import Commit, Trigger, check_task_name
+from adapterdb.storage.store import Store
+from adapterdb.tensorfile import RawTensor
+
+EXPERTS = "refs/experts/"
+LINEAR = frozenset({"average", "task_arithmetic", "finetune"})  # merged = Σ_t w_t τ_t
+ALIASES = {"pam": "average", "condu": "emr"}  # workflow names -> registry methods
+
+
+class LazyTensors(Mapping[str, torch.Tensor]):
+    """A read-only mapping that decodes a tensor only when asked (streams big adapters)."""
+
+    def __init__(self, names: Sequence[str], load: Callable[[str], torch.Tensor]) -> None:
+        self._names, self._load = list(names), load
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        if name not in self._names:
+            raise KeyError(name)
+        return self._load(name)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._names)
+
+    def __len__(self) -> int:
+        return len(self._names)
+
+
+@dataclass
+class Source:
+    """One merge input: a store commit or a PEFT folder."""
+
+    label: str
+    tensors: Mapping[str, torch.Tensor]
+    config: dict[str, Any]
+    commit_id: str | None = None
+    commit: Commit | None = None
+    manifest_id: str | None = None
+
+    @property
+    def task(self) -> str | None:
+        return self.commit.task if self.commit else None
+
+
+def open_source(spec: str, store: Store | None) -> Source:
+    """A PEFT folder path, else a revision of `store`."""
+    if Path(spec).is_dir():
+        config, raw, _ = read_peft_raw(spec)
+        return Source(spec, LazyTensors(sorted(raw), lambda n: to_torch(raw[n])), config)
+    if store is None:
+        raise AdbError(f"'{spec}' is not a folder, and there is no store to resolve it in")
+    oid = store.resolve(spec)
+    commit = store.read_commit(oid)
+    manifest = store.read_manifest(commit.manifest)
+
+    def load(name: str) -> torch.Tensor:
+        return to_torch(store.objects.get_tensor(manifest.tensors[name].id))
+
+    return Source(
+        spec,
+        LazyTensors(sorted(manifest.tensors), load),
+        manifest.config,
+        oid,
+        commit,
+        commit.manifest,
+    )
+
+
+# -- the merge itself ----------------------------------------------------------------------
+
+
+@dataclass
+class MergeResult:
+    tensors: Iterator[tuple[str, torch.Tensor]]
+    config: dict[str, Any]
+    errors: dict[str, float] = field(default_factory=dict)  # product space: refactoring error
+
+
+def merge(
+    method: str, params: registry.Params, sources: Sequence[Source], space: str, rank: int | None
+) -> MergeResult:
+    """Merge `sources` with a registered method in factor or product space (lazy output)."""
+    if space == "factors":
+        check_equal_ranks(sources)
+        tensors = [s.tensors for s in sources]
+        return MergeResult(
+            registry.merge_adapters(method, tensors, params), dict(sources[-1].config)
+        )
+    if space == "product":
+        return product_merge(method, params, sources, rank)
+    raise AdbError(f"unknown space {space!r}; use factors or product")
+
+
+def check_equal_ranks(sources: Sequence[Source]) -> None:
+    """Factor-space merging adds A to A and B to B: ranks and scales must agree."""
+    first = sources[0]
+    pairs, _ = lora_pairs(first.tensors)
+    for s in sources[1:]:
+        for pair in pairs:
+            if pair.a not in s.tensors:
+                continue  # name mismatches are reported by the registry with the source index
+            r0, r1 = first.tensors[pair.a].shape[0], s.tensors[pair.a].shape[0]
+            s0 = pair_scale(first.config, pair, first.tensors[pair.a])
+            s1 = pair_scale(s.config, pair, s.tensors[pair.a])
+            if r0 != r1 or abs(s0 - s1) > 1e-9 * max(abs(s0), 1.0):
+                raise MismatchError(
+                    f"tensor '{pair.a}': rank/scale {r1}/{s1:g} in {s.label} vs {r0}/{s0:g} in "
+                    f"{first.label}; factor space needs equal ranks and scales, use --space product"
+                )
+
+
+def linear_weights(method: str, params: registry.Params, count: int) -> list[float]:
+    """w_t of a linear method, read off by merging one-hot probes (exact for linear methods)."""
+    eye = torch.eye(count)
+    probes = [eye[t].reshape(count, 1) for t in range(count)]
+    out = registry.get(method).merge(
+        [p.reshape(-1) for p in probes], params, registry.Context("probe")
+    )
+    return out.tolist()
+
+
+def product_merge(
+    method: str, params: registry.Params, sources: Sequence[Source], rank: int | None
+) -> MergeResult:
+    """Merge LoRA layers on ΔW = B·A·s and refactor to rank r (exact QR+SVD for linear methods).
+
+    Tensors that are not LoRA pairs are merged as they are.
+    """
+    first = sources[0]
+    pairs, rest = lora_pairs(first.tensors)
+    ranks = [s.tensors[p.a].shape[0] for s in sources for p in pairs if p.a in s.tensors]
+    r = rank or max(ranks, default=1)
+    config = dict(first.config, r=r, rank_pattern={})
+    errors: dict[str, float] = {}
+
+    def out_scale(module: str) -> float:
+        return lora_scale(config, module_path(module), r)
+
+    def factors(module: str, a: torch.Tensor, b: torch.Tensor, err: float, dtype: torch.dtype):
+        errors[module] = err
+        pair = next(p for p in pairs if p.module == module)
+        return [(pair.a, a.to(dtype)), (pair.b, (b / out_scale(module)).to(dtype))]
+
+    def stream() -> Iterator[tuple[str, torch.Tensor]]:
+        if rest:
+            yield from registry.merge_adapters(
+                method, [_subset(s.tensors, rest) for s in sources], params
+            )
+        if not pairs:
+            return
+        if method in LINEAR:
+            w = linear_weights(method, params, len(sources))
+            for pair in pairs:
+                terms = [_term(s, pair, c) for s, c in zip(sources, w, strict=True) if c != 0.0]
+                dtype = first.tensors[pair.a].dtype
+                yield from factors(pair.module, *refactor(terms, r, pair.module), dtype)
+            return
+        dense = [
+            LazyTensors([p.module for p in pairs], lambda m, s=s: _delta(s, m, pairs))
+            for s in sources
+        ]
+        for module, dw in registry.merge_adapters(method, dense, params):
+            dtype = first.tensors[next(p.a for p in pairs if p.module == module)].dtype
+            yield from factors(module, *dense_refactor(dw, r, module), dtype)
+
+    return MergeResult(stream(), config, errors)
+
+
+def _subset(
+    tensors: Mapping[str, torch.Tensor], names: Sequence[str]
+) -> Mapping[str, torch.Tensor]:
+    return LazyTensors(names, tensors.__getitem__)
+
+
+def _term(source: Source, pair: Any, weight: float) -> tuple[torch.Tensor, torch.Tensor, float]:
+    try:
+        a, b = source.tensors[pair.a], source.tensors[pair.b]
+    except KeyError:
+        raise MismatchError(
+            f"{source.label} lacks LoRA layer '{pair.module}'; merge adapters of the same modules"
+        ) from None
+    return a, b, weight * pair_scale(source.config, pair, a)
+
+
+def _delta(source: Source, module: str, pairs: Sequence[Any]) -> torch.Tensor:
+    pair = next(p for p in pairs if p.module == module)
+    a, b, scale = _term(source, pair, 1.0)
+    return delta_weight(a, b, scale)
+
+
+# -- outputs -------------------------------------------------------------------------------
+
+
+def to_raw(tensors: Iterator[tuple[str, torch.Tensor]]) -> dict[str, RawTensor]:
+    return {name: from_torch(t) for name, t in tensors}
+
+
+def store_stream(store: Store, tensors: Iterator[tuple[str, torch.Tensor]]) -> dict[str, RawTensor]:
+    """Put each merged tensor as soon as it exists; keep only the (small) raw handles."""
+    out: dict[str, RawTensor] = {}
+    for name, t in tensors:
+        raw = from_torch(t)
+        store.objects.put_tensor(raw)
+        out[name] = RawTensor(raw.dtype, raw.shape, raw.data)
+    return out
+
+
+# -- merging into a branch -----------------------------------------------------------------
+
+
+def experts(store: Store, branch: str) -> dict[str, str]:
+    """Task -> expert commit id for every expert trained on `branch`."""
+    return store.refs.list(f"{EXPERTS}{branch}/")
+
+
+def newest_unmerged_expert(store: Store, branch: str) -> str:
+    """The most recent expert of `branch` that no commit in its history merged yet."""
+    head = store.refs.read(f"refs/heads/{branch}")
+    history = store.log(head) if head else []
+    merged = {oid for oid, _ in history} | {src for _, c in history for src in c.sources}
+    pending = [oid for oid in experts(store, branch).values() if oid not in merged]
+    if not pending:
+        raise AdbError(
+            f"branch '{branch}' has no unmerged expert; train one with `adb train` or pass SOURCES"
+        )
+    return max(pending, key=lambda oid: store.read_commit(oid).time)
+
+
+def check_pam(sources: Sequence[Source], force: bool) -> list[str]:
+    """PAM merges experts trained with alignment; refuse one whose commit says otherwise."""
+    warnings = []
+    for s in sources:
+        align = (
+            (s.commit.params.get("align") or {}) if s.commit and s.commit.kind == "train" else None
+        )
+        if align is None:
+            warnings.append(
+                f"{s.label}: no training record, cannot confirm it was trained with alignment"
+            )
+        elif not align.get("enabled", False) and not force:
+            raise AdbError(
+                f"{s.label} was trained without alignment, so this is not PAM; "
+                "use --method average, or --force to merge it anyway"
+            )
+    return warnings
+
+
+@dataclass
+class MergeOutcome:
+    commit_id: str
+    errors: dict[str, float]
+    warnings: list[str]
+
+
+def merge_into(
+    store: Store,
+    branch: str,
+    method: str,
+    params: registry.Params,
+    specs: Sequence[str],
+    space: str = "factors",
+    rank: int | None = None,
+    force: bool = False,
+    message: str = "",
+) -> MergeOutcome:
+    """Merge SOURCES (or the newest unmerged expert) into `branch`'s global adapter, commit."""
+    ref = f"refs/heads/{branch}"
+    head = store.refs.read(ref)
+    specs = list(specs) or [newest_unmerged_expert(store, branch)]
+    new = [open_source(s, store) for s in specs]
+    warnings = check_pam(new, force) if method == "pam" else []
+    if method == "condu":
+        return _condu_into(store, branch, head, params, new, message, warnings)
+    algo = ALIASES.get(method, method)
+    if isinstance(params, registry.get("average").params) and params.running:
+        params = dataclasses.replace(params, step=_merged_tasks(store, head) + 1)
+    sources = ([open_source(head, store)] if head else []) + new
+    if head is None and len(sources) == 1:
+        result = MergeResult(iter(sources[0].tensors.items()), dict(sources[0].config))
+        warnings.append("the branch was empty: the first source becomes the global adapter as is")
+    else:
+        result = merge(algo, params, sources, space, rank)
+    raw = store_stream(store, result.tensors)
+    manifest = store.put_adapter(raw, result.config, {})
+    commit = Commit(
+        manifest=manifest,
+        kind="merge",
+        parents=tuple(x for x in (head, *(s.commit_id for s in new)) if x),
+        task=new[-1].task,
+        method=method,
+        params={**_params_json(params), "space": space, **({"rank": rank} if rank else {})},
+        sources=tuple(s.commit_id or f"folder:{s.label}" for s in new),
+        base_model=result.config.get("base_model_name_or_path"),
+        stats=_error_stats(result.errors),
+        message=message or f"merge {', '.join(s.task or s.label for s in new)} with {method}",
+        extra={
+            "objects": {f"source{i}": s.manifest_id for i, s in enumerate(new) if s.manifest_id}
+        },
+    )
+    oid = store.commit(commit, branch, expected=head)
+    return MergeOutcome(oid, result.errors, warnings)
+
+
+def _merged_tasks(store: Store, head: str | None) -> int:
+    """How many tasks the global adapter at `head` already holds (merge commits on its line)."""
+    return sum(1 for _, c in store.log(head) if c.kind == "merge") if head else 0
+
+
+def _params_json(params: registry.Params) -> dict[str, Any]:
+    return {registry._cli_name(k): v for k, v in dataclasses.asdict(params).items()}
+
+
+def _error_stats(errors: Mapping[str, float]) -> dict[str, Any]:
+    if not errors:
+        return {}
+    return {
+        "refactor_error_max": max(errors.values()),
+        "refactor_error_mean": sum(errors.values()) / len(errors),
+    }
+
+
+# -- ConDU ---------------------------------------------------------------------------------
+
+
+def stored_experts(store: Store, head: str | None) -> tuple[Source | None, dict[str, Trigger]]:
+    """The unified delta and triggers at `head`; a plain commit counts as one task's expert."""
+    if head is None:
+        return None, {}
+    src = open_source(head, store)
+    triggers = dict(src.commit.triggers) if src.commit else {}
+    if not triggers:
+        task = (src.commit.task if src.commit else None) or "base"
+        return src, {task: Trigger(1.0, {})}
+    return src, triggers
+
+
+def _condu_into(
+    store: Store,
+    branch: str,
+    head: str | None,
+    params: registry.Params,
+    new: Sequence[Source],
+    message: str,
+    warnings: list[str],
+) -> MergeOutcome:
+    """ConDU continual step: decouple the stored experts, add the new ones, unify, commit."""
+    unified, old = stored_experts(store, head)
+    tasks = list(old) + [check_task_name(s.task or Path(s.label).name) for s in new]
+    if len(set(tasks)) != len(tasks):
+        raise AdbError(f"task names repeat in {tasks}; each ConDU task needs its own name")
+    names = list(new[0].tensors)
+    unifier = Unifier(len(tasks), getattr(params, "scale", "tensor"))
+    masks: dict[str, dict[str, str]] = {t: {} for t in tasks}
+    merged: dict[str, RawTensor] = {}
+    for name in names:
+        deltas = [s.tensors[name] for s in new]
+        if unified is not None:
+            deltas = [*_decoupled(store, unified, old, name, deltas[0]), *deltas]
+        tensor, m = unifier.unify_tensor(name, deltas)
+        raw = from_torch(tensor)
+        store.objects.put_tensor(raw)
+        merged[name] = raw
+        for t, task in enumerate(tasks):
+            masks[task][name] = store.objects.put_mask(m[t].numpy())
+    scales = unifier.scales()
+    manifest = store.put_adapter(merged, new[-1].config, {})
+    commit = Commit(
+        manifest=manifest,
+        kind="merge",
+        parents=tuple(x for x in (head, *(s.commit_id for s in new)) if x),
+        task=tasks[-1],
+        method="condu",
+        params=_params_json(params),
+        sources=tuple(s.commit_id or f"folder:{s.label}" for s in new),
+        base_model=new[-1].config.get("base_model_name_or_path"),
+        triggers={t: Trigger(scales[i], masks[t]) for i, t in enumerate(tasks)},
+        message=message or f"condu: unify {len(tasks)} tasks",
+        extra={
+            "tasks": tasks,
+            "objects": {f"source{i}": s.manifest_id for i, s in enumerate(new) if s.manifest_id},
+        },
+    )
+    return MergeOutcome(store.commit(commit, branch, expected=head), {}, warnings)
+
+
+def _decoupled(
+    store: Store, unified: Source, triggers: Mapping[str, Trigger], name: str, like: torch.Tensor
+) -> list[torch.Tensor]:
+    """Experts 1..t−1 of one tensor rebuilt from the stored unified delta and triggers."""
+    if name not in unified.tensors:
+        raise MismatchError(
+            f"tensor '{name}' is new; ConDU needs every task to adapt the same modules"
+        )
+    u = unified.tensors[name]
+    return [expert_tensor(store, u, trig, name).to(like.dtype) for trig in triggers.values()]
+
+
+def expert_tensor(store: Store, unified: torch.Tensor, trig: Trigger, name: str) -> torch.Tensor:
+    """τ̃_t = λ_t·M_t ⊙ τ_uni for one tensor (a trigger without masks is a plain expert)."""
+    if not trig.masks:
+        return unified
+    if name not in trig.masks:
+        raise MismatchError(
+            f"trigger lacks a mask for tensor '{name}'; the ConDU commit is incomplete"
+        )
+    mask = torch.from_numpy(store.objects.get_mask(trig.masks[name])).reshape(unified.shape)
+    return decouple(unified, mask.unsqueeze(0), [trig.scale])[0]
+
+
+def decouple_task(store: Store, rev: str, task: str) -> tuple[dict[str, RawTensor], dict[str, Any]]:
+    """The expert of `task` rebuilt from a ConDU commit, as raw tensors + PEFT config."""
+    src = open_source(rev, store)
+    triggers = src.commit.triggers if src.commit else {}
+    if task not in triggers:
+        known = ", ".join(triggers) or "none (not a ConDU commit)"
+        raise AdbError(f"{rev} has no trigger for task '{task}'; its tasks: {known}")
+    trig = triggers[task]
+    out = {n: from_torch(expert_tensor(store, src.tensors[n], trig, n)) for n in src.tensors}
+    return out, src.config
