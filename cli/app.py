@@ -34,26 +34,55 @@ def root(
 
 
 def _register() -> None:
-    from adapterdb.cli import history, maintenance, merge
+    from adapterdb.cli import evaluate, history, maintenance, merge, train
 
-    for module in (history, maintenance, merge):
+    for module in (history, maintenance, merge, train, evaluate):
         module.register(app)
 
 
+def _one_line(message: str) -> str:
+    """Markup-escaped, newline-free: names and paths in messages may hold '[/]' or '\\n'."""
+    from rich.markup import escape
+
+    return escape(message.replace("\r", "\\r").replace("\n", "\\n"))
+
+
+def quiet_libraries() -> None:
+    """No network and no library chatter: `adb` prints its own progress.
+
+    Set before transformers/datasets are imported, which read these at import time.
+    """
+    for key, value in (
+        ("HF_HUB_OFFLINE", "1"),
+        ("HF_DATASETS_OFFLINE", "1"),
+        ("TRANSFORMERS_VERBOSITY", "error"),
+        ("HF_DATASETS_DISABLE_PROGRESS_BARS", "1"),
+        ("HF_HUB_DISABLE_PROGRESS_BARS", "1"),
+        ("TOKENIZERS_PARALLELISM", "false"),
+    ):
+        os.environ.setdefault(key, value)
+    import warnings
+
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    warnings.filterwarnings("ignore", category=UserWarning, module="peft")
+
+
 def main() -> None:
+    quiet_libraries()
     _register()
     try:
         app()
     except AdbError as exc:
         from adapterdb.cli.output import err_console
 
-        err_console.print(f"[bold red]error:[/] {exc}", soft_wrap=True)
+        err_console.print(f"[bold red]error:[/] {_one_line(str(exc))}", soft_wrap=True)
         sys.exit(exc.exit_code)
     except OSError as exc:  # disk full, permission denied, ...: the OS's words, one line
         from adapterdb.cli.output import err_console
 
         where = f" ({exc.filename})" if exc.filename else ""
-        err_console.print(f"[bold red]error:[/] {exc.strerror or exc}{where}", soft_wrap=True)
+        message = _one_line(f"{exc.strerror or exc}{where}")
+        err_console.print(f"[bold red]error:[/] {message}", soft_wrap=True)
         sys.exit(1)
     except KeyboardInterrupt:
         sys.stderr.write("interrupted; the store is unchanged (refs move only at the end)\n")

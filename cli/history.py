@@ -6,6 +6,7 @@ from pathlib import Path
 from typing import Any
 
 import typer
+from rich.markup import escape
 from rich.table import Table
 
 from adapterdb.adapter import WEIGHTS_FILE, read_peft_raw, write_peft_raw
@@ -21,7 +22,7 @@ JSON = typer.Option(False, "--json", help="Print a JSON document instead of a ta
 def init(path: Path = typer.Argument(Path("."), help="Folder to create .adb in.")) -> None:
     """Create an empty store (`PATH/.adb`)."""
     store = Store.init(path)
-    console.print(f"Initialised empty adb store in {store.root}")
+    console.print(f"Initialised empty adb store in {store.root}", markup=False)
 
 
 def import_(
@@ -95,10 +96,10 @@ def log(
             short(oid),
             when(c.time),
             c.kind,
-            c.task or "",
+            escape(c.task or ""),
             c.method or "",
             _metrics_cell(c),
-            c.message,
+            escape(c.message),
         )
     console.print(table)
 
@@ -138,7 +139,7 @@ def show(
     console.print(f"[bold]commit {oid}[/]")
     for key in ("kind", "task", "method", "base_model", "author", "message"):
         if doc[key]:
-            console.print(f"{key:>12}: {doc[key]}")
+            console.print(f"{key:>12}: {doc[key]}", markup=False)
     console.print(f"{'time':>12}: {when(c.time)} UTC")
     if c.parents:
         console.print(f"{'parents':>12}: {' '.join(short(p) for p in c.parents)}")
@@ -149,7 +150,9 @@ def show(
     if c.provenance:
         p = c.provenance
         dirty = " (dirty)" if p.get("dirty") else ""
-        console.print(f"{'code':>12}: {p.get('repo')} @ {short(p.get('commit'))}{dirty}")
+        console.print(
+            f"{'code':>12}: {p.get('repo')} @ {short(p.get('commit'))}{dirty}", markup=False
+        )
     ratio = stored / raw if raw else 0.0
     console.print(
         f"{'tensors':>12}: {len(m.tensors)} ({doc['parameters']:,} parameters), "
@@ -161,7 +164,7 @@ def show(
         console.print(f"{'eval':>12}: {c.eval}")
     if tensors:
         for name, e in m.tensors.items():
-            console.print(f"  {name}  {e.dtype} {list(e.shape)}  {short(e.id)}")
+            console.print(f"  {name}  {e.dtype} {list(e.shape)}  {short(e.id)}", markup=False)
 
 
 def _itemsize(dtype: str) -> int:
@@ -187,7 +190,7 @@ def checkout(
     with console.status("decoding tensors", spinner="dots"):
         tensors = store.load_tensors(m, tensor)
     write_peft_raw(out, m.config, tensors, m.metadata)
-    console.print(f"wrote {len(tensors)} tensors of {short(oid)} to {out}")
+    console.print(f"wrote {len(tensors)} tensors of {short(oid)} to {out}", markup=False)
 
 
 def diff(
@@ -216,7 +219,7 @@ def diff(
         ranked = sorted(rows.items(), key=lambda kv: -kv[1]["rel_l2"])
         for name, r in ranked[: top or None]:
             table.add_row(
-                name,
+                escape(name),
                 fmt(r["rel_l2"]),
                 fmt(r["cosine"]),
                 fmt(r["sign_agreement"]),
@@ -235,7 +238,8 @@ def diff(
     for key, label in (("only_a", a), ("only_b", b), ("shape_mismatch", "both, shapes differ")):
         if result[key]:
             console.print(
-                f"{len(result[key])} tensor(s) only in {label}: {', '.join(result[key][:5])}"
+                f"{len(result[key])} tensor(s) only in {label}: {', '.join(result[key][:5])}",
+                markup=False,
             )
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import typer
+from rich.markup import escape
 
 from adapterdb.cli.history import JSON
 from adapterdb.cli.output import console, emit_json, human_bytes
@@ -26,7 +27,7 @@ def fsck(as_json: bool = JSON) -> None:
         )
     else:
         for line in report.errors:
-            console.print(f"[red]error:[/] {line}", soft_wrap=True)
+            console.print(f"[red]error:[/] {escape(line)}", soft_wrap=True)
         for line in report.notes:
             console.print(f"note: {line}")
         state = "ok" if report.ok else f"{len(report.errors)} problem(s)"

@@ -81,17 +81,20 @@ def mask_gap_width(count: int, n: int, max_gap: int) -> int:
 def encode_mask(mask: np.ndarray) -> tuple[str, int, list[bytes]]:
     """(encoding, gap width, frames) for a flat bool mask: 'bits' or 'gaps'."""
     flat = np.asarray(mask, dtype=bool).reshape(-1)
-    idx = np.flatnonzero(flat)
-    gaps = np.diff(idx, prepend=-1) if idx.size else idx
-    width = mask_gap_width(idx.size, flat.size, int(gaps.max()) if idx.size else 0)
-    if width == 0:
+    # Count first: dense masks skip building 8-byte positions and gaps they would not use.
+    if mask_gap_width(int(np.count_nonzero(flat)), flat.size, 0) == 0:
         return "bits", 0, [compress(pack_mask(flat))]
+    idx = np.flatnonzero(flat)
+    gaps = np.diff(idx, prepend=-1)
+    width = mask_gap_width(idx.size, flat.size, int(gaps.max()))
     dtype = np.dtype(f"<u{width}")
     return "gaps", width, encode_planes(gaps.astype(dtype).view(np.uint8), width)
 
 
 def decode_mask(encoding: str, width: int, frames: list[bytes | memoryview], n: int) -> np.ndarray:
     """The flat bool mask back from `encode_mask`'s output."""
+    if (encoding, width) not in (("bits", 0), ("gaps", 2), ("gaps", 4)):
+        raise ValueError(f"unknown mask encoding {encoding!r} with gap width {width}")
     if encoding == "bits":
         return unpack_mask(np.frombuffer(decompress(frames[0]), dtype=np.uint8), n)
     gaps = decode_planes(frames, width).view(np.dtype(f"<u{width}")).astype(np.int64)

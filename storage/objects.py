@@ -16,6 +16,7 @@ import hashlib
 import json
 import os
 import struct
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -59,9 +60,13 @@ def fsync_dir(path: Path) -> None:
 
 
 def atomic_write(path: Path, chunks: list[bytes | memoryview]) -> None:
-    """Temp file in the same folder, fsync, rename: readers see the old file or the new one."""
+    """Temp file in the same folder, fsync, rename: readers see the old file or the new one.
+
+    The temp name carries process and thread: parallel threads storing equal tensors (all-zero
+    LoRA B factors of one shape are common) write the same object and must not share a file.
+    """
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.parent / f"{TEMP_PREFIX}{os.getpid()}-{path.name}"
+    tmp = path.parent / f"{TEMP_PREFIX}{os.getpid()}-{threading.get_ident()}-{path.name}"
     with open(tmp, "wb") as f:
         for c in chunks:
             f.write(c)
@@ -82,6 +87,18 @@ class ObjectStore:
     def exists(self, oid: str) -> bool:
         return self.path(oid).is_file()
 
+    def _fresh(self, oid: str) -> bool:
+        """True if `oid` is stored, touching it so gc's grace period counts from this reuse.
+
+        Otherwise an old unreachable object that a new commit reuses could be swept between
+        this write and the ref update that makes it reachable again.
+        """
+        try:
+            os.utime(self.path(oid))
+        except FileNotFoundError:
+            return False
+        return True
+
     def size(self, oid: str) -> int:
         return self.path(oid).stat().st_size
 
@@ -101,14 +118,14 @@ class ObjectStore:
     # -- writing ---------------------------------------------------------------------------
 
     def _write(self, oid: str, kind: bytes, header: dict[str, Any], frames: list[bytes]) -> str:
-        if not self.exists(oid):
+        if not self._fresh(oid):
             head = canonical_json({**header, "frames": [len(f) for f in frames]})
             atomic_write(self.path(oid), [MAGIC, kind, struct.pack("<I", len(head)), head, *frames])
         return oid
 
     def put_tensor(self, t: RawTensor) -> str:
         oid = _digest(_tensor_prefix(t.dtype, t.shape), t.data)
-        if self.exists(oid):
+        if self._fresh(oid):
             return oid
         frames = codec.encode_planes(t.data, t.itemsize)
         return self._write(oid, b"T", {"dtype": t.dtype, "shape": list(t.shape)}, frames)
@@ -116,7 +133,7 @@ class ObjectStore:
     def put_mask(self, mask: np.ndarray) -> str:
         flat = np.asarray(mask, dtype=bool).reshape(-1)
         oid = _digest(_mask_prefix(flat.size), codec.pack_mask(flat))
-        if self.exists(oid):
+        if self._fresh(oid):
             return oid
         encoding, width, frames = codec.encode_mask(flat)
         return self._write(oid, b"M", {"n": flat.size, "enc": encoding, "width": width}, frames)

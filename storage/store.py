@@ -118,36 +118,44 @@ class Store:
         return self.objects.put_json(manifest.to_json())
 
     def commit(
-        self, commit: Commit, branch: str, *, expected: str | bool | None = True, retries: int = 0
+        self,
+        commit: Commit,
+        branch: str | None = None,
+        *,
+        ref: str | None = None,
+        expected: str | bool | None = True,
+        retries: int = 0,
     ) -> str:
-        """Write `commit` on `branch` (parent = the branch head when `commit.parents` is empty).
+        """Write `commit` and move `branch` (or any full `ref`, e.g. an expert's) to it.
 
-        `expected=True` means "the head as read now"; a string or None pins it. If another
-        writer moves the branch first, retry onto the new head up to `retries` times (for
+        On a branch with no explicit `commit.parents`, the parent is the branch head.
+        `expected=True` means "the ref as read now"; a string or None pins it. If another
+        writer moves the ref first, retry onto the new head up to `retries` times (for
         commits that do not depend on their parent's content, like imports), else raise
         `ConflictError`.
         """
-        ref = HEADS + check_ref_name(branch)
-        stamp = {"author": commit.author or author(), "time": commit.time or time.time()}
+        target = ref or HEADS + check_ref_name(branch or "")
+        stamp: dict[str, Any] = {"author": commit.author or author()}
         if not commit.provenance:
             stamp["provenance"] = code_provenance()
         commit = replace(commit, **stamp)
         for attempt in range(retries + 1):
-            head = self.refs.read(ref) if expected is True else expected
-            parents = commit.parents or ((head,) if head else ())
-            oid = self.objects.put_json(replace(commit, parents=parents).to_json())
+            head = self.refs.read(target) if expected is True else expected
+            inherit = ref is None and head is not None
+            parents = commit.parents or ((head,) if inherit else ())
+            # stamped after reading the head (and again on each retry): a commit is then
+            # always younger than its parent, which `log`'s newest-first order relies on
+            stamped = replace(commit, parents=parents, time=commit.time or time.time())
+            oid = self.objects.put_json(stamped.to_json())
             try:
                 self.refs.update(
-                    ref, oid, head, f"{commit.kind}: {commit.message or commit.task or ''}"
+                    target, oid, head, f"{commit.kind}: {commit.message or commit.task or ''}"
                 )
                 return oid
             except ConflictError:
                 if attempt == retries or commit.parents:
                     raise
         raise AssertionError("unreachable")
-
-    def set_ref(self, ref: str, new: str | None, message: str) -> None:
-        self.refs.update(ref, new, self.refs.read(ref), message)
 
     # -- reading ---------------------------------------------------------------------------
 
@@ -229,7 +237,7 @@ class Store:
                     f"HEAD ({ref or 'detached'}) has no commits yet; `adb import` one"
                 )
             return oid
-        for prefix in (HEADS, TAGS):
+        for prefix in (HEADS, TAGS, "refs/"):  # main, v1, experts/main/task
             oid = self.refs.read(prefix + base) if check_name_quietly(base) else None
             if oid:
                 return oid

@@ -262,7 +262,8 @@ def check_pam(sources: Sequence[Source], force: bool) -> list[str]:
             )
         elif not align.get("enabled", False) and not force:
             raise AdbError(
-                f"{s.label} was trained without alignment, so this is not PAM; "
+                f"expert '{s.task}' ({s.label[:12]}) was trained without alignment, so this "
+                "is not PAM; "
                 "use --method average, or --force to merge it anyway"
             )
     return warnings

@@ -1,0 +1,84 @@
+"""Training verbs: train (evaluation verbs live in cli/evaluate.py)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import typer
+from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+from adapterdb.cli.output import console, short
+from adapterdb.storage.refs import check_ref_name
+from adapterdb.storage.store import Store
+
+THREADS = typer.Option(
+    None, "--threads", envvar="ADB_THREADS", help="CPU threads for torch (default: see README)."
+)
+
+
+def set_threads(threads: int | None) -> None:
+    """One torch thread by default on CPU: measured fastest on this shared 2-core machine."""
+    import torch
+
+    torch.set_num_threads(threads or int(os.environ.get("ADB_DEFAULT_THREADS", "1")))
+
+
+def train(
+    task_file: Path = typer.Argument(..., help="task.yaml"),
+    branch: str = typer.Option(
+        None, "--branch", "-b", help="Branch whose global adapter to start from."
+    ),
+    threads: int = THREADS,
+) -> None:
+    """Train an expert on one task (PAM alignment on), commit it; the global stays as it is."""
+    from adapterdb.trainers.config import load_task
+    from adapterdb.trainers.loop import train as run_training
+
+    store = Store.find()
+    branch = check_ref_name(branch) if branch else store.refs.current_branch()
+    task = load_task(task_file)
+    set_threads(threads)
+    columns = (
+        TextColumn(f"[bold]{task.name}[/]"),
+        BarColumn(),
+        TextColumn("{task.completed}/{task.total}"),
+        TextColumn("loss {task.fields[loss]:.4f}"),
+        TextColumn("misaligned {task.fields[mis]}"),
+        TimeElapsedColumn(),
+        TimeRemainingColumn(),
+    )
+    with Progress(*columns, console=console, transient=True) as bar:
+        handle = bar.add_task("train", total=None, loss=float("nan"), mis="-")
+
+        def progress(step: int, total: int, loss: float, mis: float | None) -> None:
+            bar.update(
+                handle,
+                completed=step,
+                total=total,
+                loss=loss,
+                mis="-" if mis is None else f"{mis:.2%}",
+            )
+
+        result = run_training(task, store, branch, progress)
+    if result.commit_id is None:
+        return  # not the main process
+    align = (
+        "off"
+        if not task.align.enabled
+        else (result.align_skipped and f"skipped: {result.align_skipped}")
+        or (
+            f"{len(result.align)} checks, last reset {result.align[-1]['reset_fraction']:.2%}"
+            if result.align
+            else "no check ran"
+        )
+    )
+    console.print(
+        f"[experts/{branch}/{task.name} {short(result.commit_id)}] {result.steps} steps in "
+        f"{result.seconds:.1f}s, A_t = {result.accuracy:.4f}, alignment: {align}",
+        markup=False,
+    )
+
+
+def register(app: typer.Typer) -> None:
+    app.command()(train)

@@ -1,0 +1,208 @@
+"""`adb train`: fine-tune a temporary LoRA on one task with PAM alignment, commit the expert.
+
+The expert starts as a copy of the branch's global adapter (`init: global`), trains under
+`accelerate` (CPU, one GPU, multi-process, TPU alike), and every `align.every` optimiser steps
+its sign conflicts with the global on the top-p% of |W_G| are re-initialised. The threshold
+is computed once per task; each check is one fused pass. The expert is committed on
+`refs/experts/<branch>/<task>`; the branch's global adapter moves only with `adb merge`.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from adapterdb.adapter import from_torch, to_torch
+from adapterdb.alignment import AlignReport, align_adapter_, alignment_thresholds
+from adapterdb.errors import AdbError
+from adapterdb.storage.commits import Commit
+from adapterdb.storage.store import Store
+from adapterdb.trainers import runtime
+from adapterdb.trainers.config import TaskConfig
+from adapterdb.trainers.merge import EXPERTS
+
+PRECISION = {"fp32": "no", "bf16": "bf16", "fp16": "fp16"}
+Progress = Callable[[int, int, float, float | None], None]  # step, total, loss, misaligned
+
+
+@dataclass
+class TrainResult:
+    commit_id: str | None
+    accuracy: float
+    steps: int
+    seconds: float
+    align: list[dict[str, float]] = field(default_factory=list)
+    align_skipped: str | None = None
+
+
+def global_adapter(store: Store, branch: str) -> tuple[str | None, dict[str, torch.Tensor] | None]:
+    """(head id, tensors) of the branch's global adapter, or (None, None) on an empty branch."""
+    head = store.refs.read(f"refs/heads/{branch}")
+    if head is None:
+        return None, None
+    manifest = store.read_manifest(store.read_commit(head).manifest)
+    return head, {n: to_torch(r) for n, r in store.iter_tensors(manifest)}
+
+
+def total_steps(task: TaskConfig, train_size: int, processes: int) -> int:
+    o = task.optim
+    if o.steps is not None:
+        return o.steps
+    per_epoch = -(-train_size // (o.batch_size * processes * o.grad_accum))
+    return max(1, per_epoch * (o.epochs or 1))
+
+
+def train(
+    task: TaskConfig,
+    store: Store,
+    branch: str,
+    progress: Progress | None = None,
+    init: dict[str, torch.Tensor] | None = None,
+) -> TrainResult:
+    """Train one expert and commit it (on the main process); see the module docstring.
+
+    `init` overrides where the expert starts (e.g. `adb run`'s sequential fine-tuning keeps
+    training the previous expert); by default it is the branch's global adapter.
+    """
+    from accelerate import Accelerator
+    from accelerate.utils import set_seed
+
+    try:
+        accel = Accelerator(mixed_precision=PRECISION[task.optim.precision])
+    except ValueError as exc:
+        raise AdbError(
+            f"optim.precision={task.optim.precision} is not usable here ({exc})"
+        ) from None
+    set_seed(task.optim.seed)
+    started = time.perf_counter()
+    head, glob = global_adapter(store, branch)
+    rt = runtime.build(task)
+    start = init if init is not None else (glob if task.init == "global" else None)
+    if start is not None:
+        runtime.set_lora(rt, start)
+    live = runtime.lora_parameters(rt)
+    align_on = task.align.enabled and glob is not None
+    skipped = None if align_on or not task.align.enabled else "the branch has no global adapter yet"
+    if align_on:
+        assert glob is not None
+        thresholds = alignment_thresholds(
+            {n: glob[n] for n in live}, task.align.p, task.align.scope
+        )
+        glob = {n: glob[n].to(accel.device) for n in live}
+
+    params = [p for p in rt.peft.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=task.optim.lr, weight_decay=task.optim.weight_decay)
+    loader = runtime.batches(
+        rt, rt.data.train, task.optim.batch_size, shuffle=True, drop_last=False
+    )
+    model, opt, loader = accel.prepare(rt.peft, opt, loader)
+    steps = total_steps(task, len(rt.data.train), accel.num_processes)
+    checks: list[dict[str, float]] = []
+    rt.loaded.train(True)
+    batches = runtime.iter_forever(loader)
+    misaligned: float | None = None
+    for step in range(1, steps + 1):
+        for _ in range(task.optim.grad_accum):
+            with accel.accumulate(model), accel.autocast():
+                loss = step_loss(rt, next(batches), task.optim.label_smoothing)
+                accel.backward(loss)
+                opt.step()
+                opt.zero_grad()
+        if align_on and step % task.align.every == 0:
+            report = align_adapter_(live, glob, thresholds, task.align.reinit)  # type: ignore[arg-type]
+            misaligned = report.reset_fraction
+            checks.append(_check_row(step, report))
+        if progress and accel.is_main_process:
+            progress(step, steps, float(loss.detach()), misaligned)
+    accel.wait_for_everyone()
+    result = TrainResult(None, 0.0, steps, 0.0, checks, skipped)
+    if accel.is_main_process:
+        result.accuracy = runtime.accuracy(rt)
+        result.seconds = time.perf_counter() - started
+        result.commit_id = commit_expert(store, branch, head, task, rt, result)
+    accel.wait_for_everyone()
+    return result
+
+
+def step_loss(rt: runtime.Runtime, batch: dict[str, Any], smoothing: float) -> torch.Tensor:
+    if rt.generative:
+        return rt.loaded.lm_loss(batch)
+    logits = rt.loaded.logits(batch)
+    return F.cross_entropy(logits.float(), batch["labels"], label_smoothing=smoothing)
+
+
+def _check_row(step: int, report: AlignReport) -> dict[str, float]:
+    t = report.total
+    return {
+        "step": step,
+        "reset_fraction": report.reset_fraction,
+        "sign_conflicts": t.conflict_fraction,
+        "misaligned_top_p": t.misaligned_fraction,
+    }
+
+
+def commit_expert(
+    store: Store,
+    branch: str,
+    head: str | None,
+    task: TaskConfig,
+    rt: runtime.Runtime,
+    result: TrainResult,
+) -> str:
+    """Commit the trained LoRA (objects, then commit, then the expert ref)."""
+    tensors = {n: from_torch(t) for n, t in runtime.get_lora(rt).items()}
+    config = rt.peft.peft_config["default"].to_dict()
+    config["base_model_name_or_path"] = base_model_id(task)
+    config = _jsonable(config)
+    manifest = store.put_adapter(tensors, config, {})
+    objects = {}
+    if rt.loaded.head is not None:
+        objects["prototypes"] = store.objects.put_tensor(
+            from_torch(rt.loaded.head.prototypes.cpu())
+        )
+    commit = Commit(
+        manifest=manifest,
+        kind="train",
+        parents=(head,) if head else (),
+        task=task.name,
+        method="train",
+        params={
+            "align": task.align.model_dump(),
+            "init": task.init,
+            "task_file": task.model_dump(mode="json"),
+            "fingerprint": task.fingerprint(),
+        },
+        base_model=config["base_model_name_or_path"],
+        eval={"accuracy": {task.name: result.accuracy}},
+        stats={
+            "steps": result.steps,
+            "seconds": result.seconds,
+            "align_checks": result.align,
+            "align_skipped": result.align_skipped,
+        },
+        message=f"train {task.name}",
+        extra={"objects": objects, "branch": branch},
+    )
+    return store.commit(commit, ref=f"{EXPERTS}{branch}/{task.name}")
+
+
+def base_model_id(task: TaskConfig) -> str:
+    m = task.model
+    return m.packaged or m.python or str(m.path)
+
+
+def _jsonable(value: Any) -> Any:
+    """PEFT configs hold sets and enums; make them plain JSON."""
+    if isinstance(value, dict):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, list | tuple | set | frozenset):
+        items = [_jsonable(v) for v in value]
+        return sorted(items, key=str) if isinstance(value, set | frozenset) else items
+    if hasattr(value, "value") and not isinstance(value, int | float | str | bool):
+        return value.value
+    return value

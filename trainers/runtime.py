@@ -1,0 +1,164 @@
+"""A task's runtime: base model, data, frozen head and the PEFT-wrapped model.
+
+Training and evaluation both need the same pieces built the same way: the head's prototypes
+come from the *base* model's features (before any LoRA), so the base model has a meaningful
+zero-shot accuracy and an adapter only ever changes features, never the head.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from adapterdb.errors import AdbError, MismatchError
+from adapterdb.trainers.config import TaskConfig
+from adapterdb.trainers.data import TaskData, load_task_data
+from adapterdb.trainers.heads import PrototypeHead, class_prototypes
+from adapterdb.trainers.models import LoadedModel, load_model
+
+GENERATIVE = frozenset({"causal-lm", "vision-to-text"})
+EVAL_BATCH = 64
+
+
+@dataclass
+class Runtime:
+    task: TaskConfig
+    loaded: LoadedModel
+    data: TaskData
+    peft: Any  # peft.PeftModel
+
+    @property
+    def generative(self) -> bool:
+        return self.loaded.kind in GENERATIVE
+
+
+def batches(rt: Runtime, dataset: Dataset, batch_size: int = EVAL_BATCH, **kw: Any) -> DataLoader:
+    return DataLoader(dataset, batch_size=batch_size, collate_fn=rt.loaded.collate, **kw)
+
+
+def base_features(loaded: LoadedModel, dataset: Dataset) -> tuple[torch.Tensor, torch.Tensor]:
+    """(features, labels) of the frozen base model over a whole split (prototypes, routing)."""
+    loaded.module.eval()
+    feats, labels = [], []
+    loader = DataLoader(dataset, batch_size=EVAL_BATCH, collate_fn=loaded.collate)
+    with torch.no_grad():
+        for batch in loader:
+            feats.append(loaded.forward_features(batch).float())
+            labels.append(batch["labels"])
+    return torch.cat(feats), torch.cat(labels)
+
+
+def build(
+    task: TaskConfig, lora: Mapping[str, Any] | None = None, prototypes: torch.Tensor | None = None
+) -> Runtime:
+    """Load the task's model and data, attach the frozen head, wrap with LoRA.
+
+    `lora` is a stored PEFT config (evaluating a commit); None builds one from the task file.
+    `prototypes` skips recomputing the head (they are stored with expert commits).
+    """
+    from peft import LoraConfig, get_peft_model
+
+    loaded = load_model(task.model, task.data.image_size or 64)
+    data = load_task_data(task.data, task.optim.seed)
+    if loaded.kind not in GENERATIVE and loaded.head is None:
+        if data.num_classes is None:
+            raise AdbError(
+                f"task {task.name}: data has no labels; give data.label for a classifier"
+            )
+        if prototypes is None:
+            feats, labels = base_features(loaded, data.train)
+            prototypes = class_prototypes(feats, labels, data.num_classes)
+        loaded.head = PrototypeHead(prototypes)
+    for p in loaded.module.parameters():
+        p.requires_grad_(False)
+    config = LoraConfig(**_lora_kwargs(task, loaded, lora))
+    return Runtime(task, loaded, data, get_peft_model(loaded.module, config))
+
+
+def _lora_kwargs(
+    task: TaskConfig, loaded: LoadedModel, stored: Mapping[str, Any] | None
+) -> dict[str, Any]:
+    if stored is not None:
+        keys = (
+            "r",
+            "lora_alpha",
+            "lora_dropout",
+            "target_modules",
+            "rank_pattern",
+            "alpha_pattern",
+            "use_rslora",
+        )
+        return {k: stored[k] for k in keys if stored.get(k) is not None}
+    return {
+        "r": task.lora.r,
+        "lora_alpha": task.lora.alpha,
+        "lora_dropout": task.lora.dropout,
+        "target_modules": task.lora.target_modules or loaded.target_modules,
+    }
+
+
+def lora_parameters(rt: Runtime) -> dict[str, torch.nn.Parameter]:
+    """Live LoRA parameters keyed by the names PEFT saves (adapter name dropped)."""
+    return {
+        name.replace(".default", ""): p for name, p in rt.peft.named_parameters() if "lora_" in name
+    }
+
+
+def get_lora(rt: Runtime) -> dict[str, torch.Tensor]:
+    """A detached copy of the LoRA weights, keyed like a PEFT adapter_model.safetensors."""
+    return {k: p.detach().clone().cpu() for k, p in lora_parameters(rt).items()}
+
+
+def set_lora(rt: Runtime, tensors: Mapping[str, torch.Tensor]) -> None:
+    """Load adapter weights into the live LoRA parameters (names and shapes must match)."""
+    live = lora_parameters(rt)
+    missing = sorted(set(live) - set(tensors))
+    extra = sorted(set(tensors) - set(live))
+    if missing or extra:
+        which = missing[0] if missing else extra[0]
+        raise MismatchError(
+            f"adapter tensor '{which}' does not fit the model's LoRA layers "
+            f"({len(missing)} missing, {len(extra)} extra); use the same lora r and target_modules"
+        )
+    with torch.no_grad():
+        for name, p in live.items():
+            src = tensors[name]
+            if src.shape != p.shape:
+                raise MismatchError(
+                    f"tensor '{name}' is {tuple(src.shape)} but the model wants {tuple(p.shape)}; "
+                    "use the same lora r as the stored adapter"
+                )
+            p.copy_(src.to(p.dtype))
+
+
+def logits_over(rt: Runtime, dataset: Dataset) -> tuple[torch.Tensor, torch.Tensor]:
+    """(logits, labels) of the current adapter over a split (classification)."""
+    rt.peft.eval()
+    out, labels = [], []
+    with torch.no_grad():
+        for batch in batches(rt, dataset):
+            out.append(rt.loaded.logits(batch).float())
+            labels.append(batch["labels"])
+    return torch.cat(out), torch.cat(labels)
+
+
+def accuracy(rt: Runtime, dataset: Dataset | None = None) -> float:
+    """Accuracy on the eval split: classification accuracy, or normalised exact match."""
+    dataset = dataset if dataset is not None else rt.data.eval
+    if dataset is None:
+        raise AdbError(f"task {rt.task.name} has no eval split; add data.eval")
+    if rt.generative:
+        from adapterdb.trainers.generate import exact_match
+
+        return exact_match(rt, dataset)
+    logits, labels = logits_over(rt, dataset)
+    return float((logits.argmax(1) == labels).float().mean()) if labels.numel() else 0.0
+
+
+def iter_forever(loader: DataLoader) -> Iterator[Any]:
+    while True:
+        yield from loader
