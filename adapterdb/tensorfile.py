@@ -99,7 +99,9 @@ def read_safetensors(path: str | os.PathLike[str]) -> tuple[dict[str, RawTensor]
             dtype, shape, (start, end) = info["dtype"], tuple(info["shape"]), info["data_offsets"]
         except (KeyError, TypeError, ValueError):
             raise _bad(path, f"tensor '{name}' has a malformed header entry") from None
-        if dtype not in DTYPES:
+        if not all(type(v) is int and v >= 0 for v in (*shape, start, end)):
+            raise _bad(path, f"tensor '{name}' has a shape or offsets that are not counts")
+        if not isinstance(dtype, str) or dtype not in DTYPES:
             raise _bad(path, f"tensor '{name}' has unsupported dtype {dtype}")
         raw = RawTensor(dtype, shape, body[start:end])
         if not 0 <= start <= end <= body.size or end - start != raw.numel * raw.itemsize:

@@ -34,9 +34,9 @@ def root(
 
 
 def _register() -> None:
-    from adapterdb.cli import evaluate, history, maintenance, merge, train
+    from adapterdb.cli import evaluate, history, maintenance, merge, run, train
 
-    for module in (history, maintenance, merge, train, evaluate):
+    for module in (history, maintenance, merge, train, evaluate, run):
         module.register(app)
 
 

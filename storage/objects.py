@@ -80,6 +80,12 @@ class ObjectStore:
 
     def __init__(self, root: Path) -> None:
         self.dir = root / "objects"
+        self._unsynced: set[Path] = set()  # folders with renames not yet made durable
+
+    def sync(self) -> None:
+        """fsync the folders that received objects, so the renames survive a power cut."""
+        while self._unsynced:
+            fsync_dir(self._unsynced.pop())
 
     def path(self, oid: str) -> Path:
         return self.dir / oid[:2] / oid[2:]
@@ -121,6 +127,7 @@ class ObjectStore:
         if not self._fresh(oid):
             head = canonical_json({**header, "frames": [len(f) for f in frames]})
             atomic_write(self.path(oid), [MAGIC, kind, struct.pack("<I", len(head)), head, *frames])
+            self._unsynced.add(self.path(oid).parent)
         return oid
 
     def put_tensor(self, t: RawTensor) -> str:

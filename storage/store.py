@@ -27,7 +27,10 @@ from adapterdb.tensorfile import RawTensor
 STORE_DIR = ".adb"
 FORMAT = "adapterdb-store 1"
 _REV_RE = re.compile(r"^(?P<base>[^~^]+)(?P<ops>(?:[~^]\d*)*)$")
-_WORKERS = 2  # hashing, zstd and byte copies release the GIL: one worker per core here
+# Hashing, zstd and byte copies release the GIL, and each object ends in an fsync that waits on
+# the disk, not the CPU: more workers than cores overlap those waits (measured: 252 fsyncs take
+# 1.6-2.2 s one after another, 0.2-0.3 s from 8+ threads).
+_WORKERS = min(32, 4 * (os.cpu_count() or 1))
 
 
 @dataclass

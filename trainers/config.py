@@ -105,6 +105,7 @@ class DataSpec(_Spec):
     question: str | None = None
     answer: str | None = None
     limit: int | None = Field(None, ge=1)
+    eval_limit: int | None = Field(None, ge=1)  # the eval split's own limit (default: limit)
     image_size: int = Field(64, ge=8, le=1024)
 
     @model_validator(mode="after")
@@ -123,6 +124,10 @@ class DataSpec(_Spec):
         if self.classes is not None and len(set(self.classes)) != len(self.classes):
             raise ValueError(f"classes = {self.classes} repeats a class; list each once")
         return self
+
+    def split_limit(self, split: str) -> int | None:
+        """How many examples of `split` (train/eval) to use."""
+        return self.eval_limit or self.limit if split == "eval" else self.limit
 
     @property
     def columns_given(self) -> bool:

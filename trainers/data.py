@@ -77,15 +77,19 @@ def load_task_data(spec: DataSpec, seed: int = 0) -> TaskData:
         folder = fashion_mnist_folder(spec.folder)
         names = tuple(FASHION_MNIST_CLASSES[c] for c in classes)
         train, evl = (
-            load_fashion_mnist(folder, split, classes, spec.limit, seed)
+            load_fashion_mnist(folder, split, classes, spec.split_limit(split), seed)
             for split in ("train", "eval")
         )
         return TaskData(train, evl, names)
     train_hf = _hf_split(spec, spec.train)
     eval_hf = None if spec.eval is None else _hf_split(spec, spec.eval)
     names = _label_names(train_hf, spec.label) if spec.label in train_hf.column_names else None
-    train = _records(train_hf, spec, names, seed, spec.train.parent)
-    evl = None if eval_hf is None else _records(eval_hf, spec, names, seed, spec.eval.parent)
+    train = _records(train_hf, spec, names, seed, spec.train.parent, spec.split_limit("train"))
+    evl = (
+        None
+        if eval_hf is None
+        else _records(eval_hf, spec, names, seed, spec.eval.parent, spec.split_limit("eval"))
+    )
     return TaskData(train, evl, names)
 
 
@@ -209,11 +213,16 @@ def _label_names(dataset: Any, column: str) -> tuple[str, ...]:
 
 
 def _records(
-    dataset: Any, spec: DataSpec, names: tuple[str, ...] | None, seed: int, folder: Path
+    dataset: Any,
+    spec: DataSpec,
+    names: tuple[str, ...] | None,
+    seed: int,
+    folder: Path,
+    limit: int | None,
 ) -> ExampleDataset:
     """An HF Dataset as canonical dicts, subsampled, labels mapped through the train names;
     image paths in the rows are relative to `folder` (the data file's)."""
-    rows = subsample(len(dataset), spec.limit, seed).tolist()
+    rows = subsample(len(dataset), limit, seed).tolist()
     dataset = dataset.select(rows)
     labels = None if names is None else _label_ids(dataset, spec.label, names)
     columns = _columns(spec)

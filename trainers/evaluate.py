@@ -30,16 +30,13 @@ EVALS = "refs/evals/"
 
 
 class Evaluator:
-    """Builds each task's runtime once (model, data, head) and swaps adapters into it."""
+    """Evaluates adapters on tasks, swapping weights into cached runtimes."""
 
-    def __init__(self) -> None:
-        self._runtimes: dict[tuple[str, str], runtime.Runtime] = {}
+    def __init__(self, cache: runtime.RuntimeCache | None = None) -> None:
+        self.cache = cache or runtime.RuntimeCache()
 
     def runtime(self, task: TaskConfig, lora: Mapping[str, Any] | None) -> runtime.Runtime:
-        key = (task.fingerprint(), _lora_key(lora))
-        if key not in self._runtimes:
-            self._runtimes[key] = runtime.build(task, lora)
-        return self._runtimes[key]
+        return self.cache.get(task, lora)
 
     def accuracy(
         self,
@@ -73,13 +70,6 @@ class Evaluator:
                 f"task {task.name} has no class head; routing needs a classification task"
             )
         return head.prototypes
-
-
-def _lora_key(lora: Mapping[str, Any] | None) -> str:
-    if lora is None:
-        return "task"
-    keys = ("r", "lora_alpha", "target_modules", "rank_pattern", "alpha_pattern", "use_rslora")
-    return hashlib.sha256(repr([(k, lora.get(k)) for k in keys]).encode()).hexdigest()
 
 
 def _zero_b(rt: runtime.Runtime) -> dict[str, torch.Tensor]:

@@ -63,11 +63,12 @@ def train(
     branch: str,
     progress: Progress | None = None,
     init: dict[str, torch.Tensor] | None = None,
+    cache: runtime.RuntimeCache | None = None,
 ) -> TrainResult:
     """Train one expert and commit it (on the main process); see the module docstring.
 
-    `init` overrides where the expert starts (e.g. `adb run`'s sequential fine-tuning keeps
-    training the previous expert); by default it is the branch's global adapter.
+    `init` overrides where the expert starts; by default it is the branch's global adapter
+    (`init: global`) or a fresh LoRA. `cache` reuses built runtimes across calls.
     """
     from accelerate import Accelerator
     from accelerate.utils import set_seed
@@ -81,10 +82,12 @@ def train(
     set_seed(task.optim.seed)
     started = time.perf_counter()
     head, glob = global_adapter(store, branch)
-    rt = runtime.build(task)
+    rt = cache.get(task) if cache is not None else runtime.build(task)
     start = init if init is not None else (glob if task.init == "global" else None)
     if start is not None:
         runtime.set_lora(rt, start)
+    elif cache is not None:  # a reused runtime holds the last expert's weights
+        runtime.fresh_lora(rt, task.optim.seed)
     live = runtime.lora_parameters(rt)
     align_on = task.align.enabled and glob is not None
     skipped = None if align_on or not task.align.enabled else "the branch has no global adapter yet"

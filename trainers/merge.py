@@ -286,15 +286,18 @@ def merge_into(
     rank: int | None = None,
     force: bool = False,
     message: str = "",
+    extra: Mapping[str, Any] | None = None,
 ) -> MergeOutcome:
-    """Merge SOURCES (or the newest unmerged expert) into `branch`'s global adapter, commit."""
+    """Merge SOURCES (or the newest unmerged expert) into `branch`'s global adapter, commit.
+
+    `extra` adds fields to the commit's `extra` (e.g. `adb run`'s step key)."""
     ref = f"refs/heads/{branch}"
     head = store.refs.read(ref)
     specs = list(specs) or [newest_unmerged_expert(store, branch)]
     new = [open_source(s, store) for s in specs]
     warnings = check_pam(new, force) if method == "pam" else []
     if method == "condu":
-        return _condu_into(store, branch, head, params, new, message, warnings)
+        return _condu_into(store, branch, head, params, new, message, warnings, extra or {})
     algo = ALIASES.get(method, method)
     if isinstance(params, registry.get("average").params) and params.running:
         params = dataclasses.replace(params, step=_merged_tasks(store, head) + 1)
@@ -317,12 +320,15 @@ def merge_into(
         base_model=result.config.get("base_model_name_or_path"),
         stats=_error_stats(result.errors),
         message=message or f"merge {', '.join(s.task or s.label for s in new)} with {method}",
-        extra={
-            "objects": {f"source{i}": s.manifest_id for i, s in enumerate(new) if s.manifest_id}
-        },
+        extra={**(extra or {}), "objects": _source_objects(new)},
     )
     oid = store.commit(commit, branch, expected=head)
     return MergeOutcome(oid, result.errors, warnings)
+
+
+def _source_objects(sources: Sequence[Source]) -> dict[str, str]:
+    """Manifests of the merged sources, kept reachable so the merge can be re-run."""
+    return {f"source{i}": s.manifest_id for i, s in enumerate(sources) if s.manifest_id}
 
 
 def _merged_tasks(store: Store, head: str | None) -> int:
@@ -366,6 +372,7 @@ def _condu_into(
     new: Sequence[Source],
     message: str,
     warnings: list[str],
+    extra: Mapping[str, Any],
 ) -> MergeOutcome:
     """ConDU continual step: decouple the stored experts, add the new ones, unify, commit."""
     unified, old = stored_experts(store, head)
@@ -399,10 +406,7 @@ def _condu_into(
         base_model=new[-1].config.get("base_model_name_or_path"),
         triggers={t: Trigger(scales[i], masks[t]) for i, t in enumerate(tasks)},
         message=message or f"condu: unify {len(tasks)} tasks",
-        extra={
-            "tasks": tasks,
-            "objects": {f"source{i}": s.manifest_id for i, s in enumerate(new) if s.manifest_id},
-        },
+        extra={**extra, "tasks": tasks, "objects": _source_objects(new)},
     )
     return MergeOutcome(store.commit(commit, branch, expected=head), {}, warnings)
 

@@ -101,6 +101,54 @@ def _lora_kwargs(
     }
 
 
+def lora_shape(config: Mapping[str, Any]) -> tuple[Any, ...]:
+    """What makes two LoRA configs build the same layers: rank, alpha and targets."""
+    targets = config.get("target_modules")
+    targets = sorted(targets) if isinstance(targets, list | set | tuple) else targets
+    return (
+        config.get("r"),
+        float(config.get("lora_alpha") or 0),
+        repr(targets),
+        config.get("use_rslora"),
+    )
+
+
+class RuntimeCache:
+    """Runtimes by (model, data, seed) and LoRA shape: `adb run` trains and evaluates dozens of
+    times on the same few tasks, and rebuilding model, data and prototypes each time would
+    cost more than the training itself."""
+
+    def __init__(self) -> None:
+        self._runtimes: dict[str, list[Runtime]] = {}
+
+    def get(self, task: TaskConfig, lora: Mapping[str, Any] | None = None) -> Runtime:
+        key = repr(
+            (task.model.model_dump(mode="json"), task.data.model_dump(mode="json"), task.optim.seed)
+        )
+        for rt in self._runtimes.get(key, []):
+            want = lora if lora is not None else _lora_kwargs_as_config(task, rt.loaded)
+            if lora_shape(rt.peft.peft_config["default"].to_dict()) == lora_shape(want):
+                return rt
+        rt = build(task, lora)
+        self._runtimes.setdefault(key, []).append(rt)
+        return rt
+
+
+def _lora_kwargs_as_config(task: TaskConfig, loaded: LoadedModel) -> dict[str, Any]:
+    kw = _lora_kwargs(task, loaded, None)
+    return {"r": kw["r"], "lora_alpha": kw["lora_alpha"], "target_modules": kw["target_modules"]}
+
+
+def fresh_lora(rt: Runtime, seed: int) -> None:
+    """Re-initialise every LoRA layer as PEFT does for a new adapter (A random, B zero), seeded."""
+    from peft.tuners.lora import LoraLayer
+
+    torch.manual_seed(seed)
+    for module in rt.peft.modules():
+        if isinstance(module, LoraLayer):
+            module.reset_lora_parameters("default", True)
+
+
 def lora_parameters(rt: Runtime) -> dict[str, torch.nn.Parameter]:
     """Live LoRA parameters keyed by the names PEFT saves (adapter name dropped)."""
     return {

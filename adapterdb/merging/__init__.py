@@ -1,0 +1,45 @@
+"""Merge methods as pure functions on tensors, behind a registry (see `registry`).
+
+Importing this package registers every method: average, finetune, task_arithmetic, ties,
+dare, dare_ties, magmax, tall, emr. ConDU's streaming unify/decouple lives in `condu`.
+"""
+
+from adapterdb.merging import basic, condu, dare, magmax, tall, ties
+from adapterdb.merging.condu import Unifier, continual_unify, decouple
+from adapterdb.merging.registry import (
+    Context,
+    Method,
+    Params,
+    check_sources,
+    check_tensors,
+    get,
+    merge_adapters,
+    methods,
+    parse_params,
+    register,
+)
+from adapterdb.merging.tall import tall_experts, tall_masks
+
+__all__ = [
+    "Context",
+    "Method",
+    "Params",
+    "Unifier",
+    "basic",
+    "check_sources",
+    "check_tensors",
+    "condu",
+    "continual_unify",
+    "dare",
+    "decouple",
+    "get",
+    "magmax",
+    "merge_adapters",
+    "methods",
+    "parse_params",
+    "register",
+    "tall",
+    "tall_experts",
+    "tall_masks",
+    "ties",
+]

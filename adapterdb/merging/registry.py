@@ -1,0 +1,218 @@
+"""The merge-method registry: names -> (typed parameters, per-tensor function, global pass).
+
+Adding a method is one decorated function plus its test:
+
+    @register("ties", params=TiesParams, prepare=ties_thresholds)
+    def ties(tensors: Sequence[Tensor], p: TiesParams, ctx: Context = NO_CONTEXT) -> Tensor: ...
+
+A method works on the T sources of ONE tensor name. Methods whose definition spans the whole
+task vector (TIES' global trim) give a `prepare` pass that reads every source once and returns
+what the per-tensor step needs; `merge_adapters` runs it, then streams tensor by tensor.
+Parameters are small frozen dataclasses whose defaults are the papers'; the CLI passes them as
+`key=value` strings (`parse_params`), with the mergekit/PEFT names (`density`, `weights`,
+`lambda`, `seed`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import typing
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, Generic, TypeVar
+
+import torch
+
+from adapterdb.errors import AdbError, MismatchError
+
+FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+CLI_ALIASES = {"lambda": "lam"}  # `lambda` is a Python keyword; the field is spelled `lam`
+
+
+@dataclass(frozen=True)
+class Params:
+    """Base of every method's parameters: frozen, typed, validated on construction."""
+
+    def __post_init__(self) -> None:
+        hints = typing.get_type_hints(type(self))
+        for f in dataclasses.fields(self):
+            choices = typing.get_args(hints[f.name])
+            value = getattr(self, f.name)
+            if typing.get_origin(hints[f.name]) is typing.Literal and value not in choices:
+                raise AdbError(
+                    f"{_cli_name(f.name)}={value!r} is not one of: {', '.join(map(str, choices))}"
+                )
+        self.validate()
+
+    def validate(self) -> None:
+        """Raise AdbError for an out-of-range value (overridden where a range matters)."""
+
+
+@dataclass(frozen=True)
+class Context:
+    """What a per-tensor step may need beyond its tensors.
+
+    `name` seeds DARE's drop masks; `thresholds` (T,) is the result of the method's global
+    pass (TIES' per-source trim thresholds over the whole task vector), None when not run.
+    """
+
+    name: str = ""
+    thresholds: torch.Tensor | None = None
+
+
+NO_CONTEXT = Context()
+P = TypeVar("P", bound=Params)
+MergeFn = Callable[[Sequence[torch.Tensor], P, Context], torch.Tensor]
+PrepareFn = Callable[[Sequence[Mapping[str, torch.Tensor]], P], "torch.Tensor | None"]
+
+
+@dataclass(frozen=True)
+class Method(Generic[P]):
+    """A registered merge method."""
+
+    name: str
+    params: type[P]
+    merge: MergeFn[P]
+    prepare: PrepareFn[P] | None = None
+
+
+_METHODS: dict[str, Method[Any]] = {}
+
+
+def register(
+    name: str, params: type[P], prepare: PrepareFn[P] | None = None
+) -> Callable[[MergeFn[P]], MergeFn[P]]:
+    """Decorator adding a per-tensor merge function to the registry under `name`."""
+
+    def add(fn: MergeFn[P]) -> MergeFn[P]:
+        if name in _METHODS:
+            raise ValueError(f"merge method {name!r} is registered twice")
+        _METHODS[name] = Method(name, params, fn, prepare)
+        return fn
+
+    return add
+
+
+def methods() -> list[str]:
+    """Registered method names, sorted."""
+    return sorted(_METHODS)
+
+
+def get(name: str) -> Method[Any]:
+    """The method called `name`; AdbError listing the known ones otherwise."""
+    try:
+        return _METHODS[name]
+    except KeyError:
+        raise AdbError(
+            f"unknown merge method {name!r}; choose one of: {', '.join(methods())}"
+        ) from None
+
+
+def parse_params(method: str, args: Sequence[str]) -> Params:
+    """`["density=0.2", "lambda=1"]` -> the method's typed, validated parameter dataclass."""
+    cls = get(method).params
+    hints = typing.get_type_hints(cls)
+    fields = {f.name for f in dataclasses.fields(cls)}
+    allowed = ", ".join(_cli_name(f) for f in sorted(fields)) or "none"
+    values: dict[str, Any] = {}
+    for arg in args:
+        key, sep, raw = arg.partition("=")
+        field = CLI_ALIASES.get(key.strip(), key.strip())
+        if not sep or field not in fields:
+            raise AdbError(
+                f"{method}: bad parameter {arg!r}; expected key=value with key one of: {allowed}"
+            )
+        try:
+            values[field] = _convert(raw.strip(), hints[field])
+        except ValueError as exc:
+            raise AdbError(f"{method}: bad value for {key.strip()}: {exc}") from None
+    try:
+        return cls(**values)
+    except AdbError as exc:
+        raise AdbError(f"{method}: {exc}") from None
+
+
+def _cli_name(field: str) -> str:
+    return next((cli for cli, f in CLI_ALIASES.items() if f == field), field)
+
+
+def _convert(raw: str, hint: Any) -> Any:
+    """Parse one CLI string into the field's annotated type (float, int, bool, Literal, ...)."""
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin is typing.Literal:
+        if raw not in args:
+            raise ValueError(f"{raw!r} is not one of {', '.join(map(str, args))}")
+        return raw
+    if origin is typing.Union or type(hint).__name__ == "UnionType":
+        if raw.lower() == "none" and type(None) in args:
+            return None
+        return _convert(raw, next(a for a in args if a is not type(None)))
+    if origin is tuple:
+        return tuple(_convert(v, args[0]) for v in raw.strip("[]()").split(",") if v.strip())
+    if hint is bool:
+        if raw.lower() not in ("true", "false", "1", "0", "yes", "no"):
+            raise ValueError(f"{raw!r} is not a boolean (true/false)")
+        return raw.lower() in ("true", "1", "yes")
+    if hint in (int, float):
+        try:
+            return hint(raw)
+        except ValueError:
+            raise ValueError(f"{raw!r} is not a{'n int' if hint is int else ' number'}") from None
+    return hint(raw)
+
+
+def check_tensors(tensors: Sequence[torch.Tensor], name: str = "") -> None:
+    """Same shape and floating dtype (fp32/bf16/fp16) for the T sources of one tensor."""
+    where = f"tensor {name!r}" if name else "tensor"
+    if not tensors:
+        raise AdbError(f"{where}: nothing to merge; pass at least one source")
+    first = tensors[0]
+    for t, x in enumerate(tensors):
+        if x.dtype not in FLOAT_DTYPES:
+            raise MismatchError(
+                f"{where} of source {t} has dtype {x.dtype}; convert it to float32/bf16/fp16"
+            )
+        if x.dtype != first.dtype or x.shape != first.shape:
+            raise MismatchError(
+                f"{where} of source {t} is {x.dtype} {tuple(x.shape)} but source 0 is "
+                f"{first.dtype} {tuple(first.shape)}; convert the sources to one shape and dtype"
+            )
+
+
+def check_sources(sources: Sequence[Mapping[str, torch.Tensor]]) -> None:
+    """All sources have the same tensor names, shapes and dtypes (first offender named)."""
+    if not sources:
+        raise AdbError("nothing to merge; pass at least one source adapter")
+    names = list(sources[0])
+    for t, source in enumerate(sources[1:], start=1):
+        missing = next((n for n in names if n not in source), None)
+        extra = next((n for n in source if n not in sources[0]), None)
+        if missing is not None or extra is not None:
+            which, bad = ("lacks", missing) if missing is not None else ("has extra", extra)
+            raise MismatchError(
+                f"source {t} {which} tensor {bad!r} (vs source 0); merge adapters of the same "
+                "modules and rank"
+            )
+    for name in names:
+        check_tensors([s[name] for s in sources], name)
+
+
+def merge_adapters(
+    method: str, sources: Sequence[Mapping[str, torch.Tensor]], params: Params | None = None
+) -> Iterator[tuple[str, torch.Tensor]]:
+    """Merge whole adapters: validate, run the method's global pass, then yield tensor by tensor.
+
+    Validation and the global pass run on the call (errors surface before any output); the
+    merge itself is lazy. Only the T sources of one tensor are ever stacked, so peak extra
+    memory is O(T x largest tensor) beyond the inputs and what the caller keeps.
+    """
+    m = get(method)
+    p = m.params() if params is None else params
+    if not isinstance(p, m.params):
+        raise AdbError(f"{method}: expected {m.params.__name__}, got {type(p).__name__}")
+    check_sources(sources)
+    thresholds = m.prepare(sources, p) if m.prepare is not None else None
+    return (
+        (name, m.merge([s[name] for s in sources], p, Context(name, thresholds)))
+        for name in sources[0]
+    )

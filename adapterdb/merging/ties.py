@@ -1,0 +1,103 @@
+"""TIES merging (Yadav et al. 2023): trim, elect sign, disjoint merge.
+
+1. Trim: keep the top-`density` fraction of each τ_t by magnitude (|x| >= the exact k-th
+   largest |x|, k = ceil(density·n), via `adapterdb.topk`; ties at the threshold are all kept).
+   - trim="global" (default, the paper): one threshold per source over its WHOLE task vector
+     (all tensors). `merge_adapters` computes it in a cheap first pass (`ties_thresholds`);
+     calling `ties` on a lone tensor treats that tensor as the whole vector.
+   - trim="tensor" (PEFT, mergekit): a threshold per source per tensor.
+2. Elect: γ = sign(Σ_t τ̂_t) (elect="sum", PEFT's "total") or sign(Σ_t sign τ̂_t)
+   (elect="count", PEFT's "frequency"); a zero vote elects +1, as PEFT and mergekit do (the
+   paper's sgn gives 0 there; its code uses the whole vector's majority sign).
+3. Disjoint merge: λ·Σ_t w_t τ̂_t [sign τ̂_t = γ] / #{t : sign τ̂_t = γ} (0 where none agree).
+   Weights scale after election and do not enter the count, as in PEFT (the paper has none).
+With trim="tensor" and elect="sum" this equals `peft.utils.merge_utils.ties` (up to which of
+several tied magnitudes at the threshold PEFT's topk keeps).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Literal
+
+import numpy as np
+import torch
+
+from adapterdb.errors import AdbError
+from adapterdb.merging.basic import WeightedParams, map_chunks, source_weights
+from adapterdb.merging.registry import NO_CONTEXT, Context, check_tensors, register
+from adapterdb.topk import magnitude_threshold
+
+Elect = Literal["sum", "count"]
+
+
+def check_density(density: float) -> None:
+    if not 0 < density <= 1:
+        raise AdbError(f"density={density} must be in (0, 1] (the fraction of entries kept)")
+
+
+@dataclass(frozen=True)
+class TiesParams(WeightedParams):
+    """density: fraction kept per source (paper k = 20%); elect, trim: see the module doc."""
+
+    density: float = 0.2
+    elect: Elect = "sum"
+    trim: Literal["global", "tensor"] = "global"
+
+    def validate(self) -> None:
+        check_density(self.density)
+
+
+def ties_thresholds(
+    sources: Sequence[Mapping[str, torch.Tensor]], p: TiesParams
+) -> torch.Tensor | None:
+    """The global pass: one exact trim threshold per source over all its tensors (T,)."""
+    if p.trim != "global" or p.density >= 1:
+        return None
+    return torch.tensor([magnitude_threshold(list(s.values()), p.density) for s in sources])
+
+
+def trim_rows(x: torch.Tensor, thresholds: Sequence[float]) -> None:
+    """Zero, in place, the entries of each row below its threshold (keep |x| >= τ).
+
+    hardshrink keeps |x| > λ; with λ the float32 just below τ that is |x| >= τ, in one
+    vectorised pass (CPU comparisons producing bool masks are several times slower)."""
+    for row, tau in zip(x, thresholds, strict=True):
+        if tau > 0:
+            below = float(np.nextafter(np.float32(tau), np.float32(0)))
+            torch.hardshrink(row, below, out=row)
+
+
+def disjoint_merge(
+    x: torch.Tensor, weights: torch.Tensor, elect: Elect, lam: float
+) -> torch.Tensor:
+    """TIES steps 2–3 on a (T, c) float32 chunk (overwritten): elect γ per entry, then λ times
+    the weighted sum over agreeing sources divided by their count. Zeros never agree.
+
+    x·γ clamped at 0 is the agreeing magnitudes; its sign() the 0/1 agreement flags."""
+    votes = x.sign().sum(0) if elect == "count" else x.sum(0)
+    gamma = votes.sign_().add_(0.5).sign_()  # 0 -> +1
+    x.mul_(gamma).clamp_min_(0)
+    total = weights @ x
+    count = x.sign_().sum(0).clamp_min_(1)
+    return total.div_(count).mul_(gamma).mul_(lam)
+
+
+@register("ties", params=TiesParams, prepare=ties_thresholds)
+def ties(tensors: Sequence[torch.Tensor], p: TiesParams, ctx: Context = NO_CONTEXT) -> torch.Tensor:
+    """TIES-merge the T sources of one tensor (see the module doc for the definitions)."""
+    check_tensors(tensors, ctx.name)
+    weights = source_weights(p.weights, len(tensors), ctx.name)
+    if p.density >= 1:
+        taus = [0.0] * len(tensors)
+    elif ctx.thresholds is not None and p.trim == "global":
+        taus = ctx.thresholds.tolist()
+    else:
+        taus = [magnitude_threshold(t, p.density) for t in tensors]
+
+    def chunk(x: torch.Tensor, _: slice) -> torch.Tensor:
+        trim_rows(x, taus)
+        return disjoint_merge(x, weights, p.elect, p.lam)
+
+    return map_chunks(tensors, chunk)

@@ -1,0 +1,135 @@
+"""Exact magnitude thresholds (k-th largest |x|) in O(n), streamed over many tensors.
+
+Merging methods (TIES, PAM alignment, ConDU) keep "the top p% of weights by magnitude" of a
+whole adapter. Sorting or `torch.kthvalue` over ~40M values is O(n log n) and needs the whole
+model in one tensor. Instead we radix-select on the bit patterns: with the sign bit cleared,
+IEEE floats of one format order exactly like their bits read as integers.
+
+- float32 (and anything else, converted to float32): pass 1 histograms the high 16 bits of
+  every |x| (tensor by tensor, accumulated) and finds the bucket holding the k-th largest;
+  pass 2 histograms the low 16 bits of only the elements in that bucket, which pins the exact
+  bit pattern. The 16-bit halves are zero-copy int16 views, so each pass is ~2 cheap ops.
+- bf16 / fp16 (all tensors of the same dtype): the 15 magnitude bits are the whole key, so a
+  single histogram pass is already exact.
+
+The result is a value that occurs among the |x| (exact in float32; for float64 inputs it is
+the float32 rounding, since they are selected in float32). NaN sorts above +inf; callers are
+expected to pass finite tensors.
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+from collections.abc import Callable, Iterable
+from fractions import Fraction
+
+import torch
+
+Tensors = torch.Tensor | Iterable[torch.Tensor] | Callable[[], Iterable[torch.Tensor]]
+
+_BUCKETS_HI = 1 << 15  # magnitude values of a 16-bit word with the sign bit cleared
+_BUCKETS_LO = 1 << 16
+_HIGH_HALF = 1 if sys.byteorder == "little" else 0  # which int16 of a float32 holds the exponent
+_NARROW = (torch.bfloat16, torch.float16)
+
+
+def magnitude_threshold(tensors: Tensors, fraction: float | Fraction) -> float:
+    """τ = the k-th largest |x| over all elements of all tensors, k = ceil(fraction · n).
+
+    `tensors` is one tensor, a re-iterable collection (list, tuple, dict.values()), or a
+    zero-arg callable returning a fresh iterator (use that to stream tensors loaded lazily;
+    it is called up to three times: count, then two passes). A one-shot iterator is
+    materialised into a list of references.
+    Keeping `|x| >= τ` keeps at least k elements: ties at τ are all kept.
+    fraction <= 0 (or no elements) -> +inf, nothing kept; fraction >= 1 -> the smallest |x|,
+    everything kept. The fraction is read as its shortest decimal repr (0.07 · 100 = 7, not 8).
+    """
+    source = _reiterable(tensors)
+    dtypes, n = set(), 0
+    for t in source():
+        dtypes.add(t.dtype)
+        n += t.numel()
+    k = _count(fraction, n)
+    if k == 0:
+        return math.inf
+    narrow = dtypes.pop() if len(dtypes) == 1 and dtypes <= set(_NARROW) else None
+    return _radix_select(source, k, narrow)
+
+
+def kth_largest_abs(t: torch.Tensor, k: int) -> float:
+    """The k-th largest |x| of one tensor (1 <= k <= t.numel()), exact."""
+    if not 1 <= k <= t.numel():
+        raise ValueError(f"k={k} out of range for a tensor of {t.numel()} elements")
+    return _radix_select(lambda: (t,), k, t.dtype if t.dtype in _NARROW else None)
+
+
+def per_source_thresholds(stacked: torch.Tensor, fraction: float | Fraction) -> torch.Tensor:
+    """Row-wise `magnitude_threshold`: stacked (T, ...) -> float32 (T,), one exact τ per source.
+
+    TIES trims each source to its own top fraction; rows are few, so one select per row.
+    """
+    rows = stacked.reshape(stacked.shape[0], -1)
+    k = _count(fraction, rows.shape[1])
+    if k == 0:
+        return torch.full((rows.shape[0],), math.inf)
+    return torch.tensor([kth_largest_abs(row, k) for row in rows], dtype=torch.float32)
+
+
+def _reiterable(tensors: Tensors) -> Callable[[], Iterable[torch.Tensor]]:
+    if isinstance(tensors, torch.Tensor):
+        return lambda: (tensors,)
+    if callable(tensors):
+        return tensors
+    if iter(tensors) is tensors:  # a one-shot iterator: keep references, not copies
+        tensors = list(tensors)
+    return lambda: tensors
+
+
+def _count(fraction: float | Fraction, n: int) -> int:
+    """ceil(fraction · n) clamped to [0, n], exact in rationals."""
+    exact = fraction if isinstance(fraction, Fraction) else Fraction(repr(float(fraction)))
+    return min(max(math.ceil(exact * n), 0), n)
+
+
+def _radix_select(
+    source: Callable[[], Iterable[torch.Tensor]], k: int, narrow: torch.dtype | None
+) -> float:
+    """The k-th largest |x| over `source()`, 1 <= k <= n; one pass if `narrow`, else two."""
+    hist = _histogram((_halves(t, narrow)[0] for t in source()), _BUCKETS_HI)
+    high, k = _locate(hist, k)
+    if narrow is not None:
+        return float(torch.tensor(high, dtype=torch.int16).view(narrow))
+    lows = (low[key == high].to(torch.int32) & 0xFFFF for key, low in map(_halves, source()))
+    low, _ = _locate(_histogram(lows, _BUCKETS_LO), k)
+    return float(torch.tensor((high << 16) | low, dtype=torch.int32).view(torch.float32))
+
+
+def _histogram(keys: Iterable[torch.Tensor], bins: int) -> torch.Tensor:
+    """Summed bincounts, accumulated on the tensors' device; one host copy at the end."""
+    total = torch.zeros(bins, dtype=torch.int64)
+    for key in keys:
+        counts = torch.bincount(key, minlength=bins)
+        total = total.to(counts.device) + counts
+    return total.cpu()
+
+
+def _halves(
+    t: torch.Tensor, narrow: torch.dtype | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(magnitude bits of the high int16 word, raw low int16 word) per element, flat.
+
+    For a narrow dtype the one 16-bit word is the whole key and the low word is unused.
+    """
+    flat = t.detach().reshape(-1)
+    if narrow is not None:
+        return flat.view(torch.int16) & 0x7FFF, flat.view(torch.int16)
+    words = flat.to(torch.float32).contiguous().view(torch.int16).view(-1, 2)
+    return words[:, _HIGH_HALF] & 0x7FFF, words[:, 1 - _HIGH_HALF]
+
+
+def _locate(hist: torch.Tensor, k: int) -> tuple[int, int]:
+    """The bucket holding the k-th largest element, and k's rank among that bucket's elements."""
+    from_top = hist.flip(0).cumsum(0)  # from_top[j] = count in the top j+1 buckets
+    j = int(torch.searchsorted(from_top, torch.tensor([k])))
+    return hist.numel() - 1 - j, k - int(from_top[j] - hist.flip(0)[j])

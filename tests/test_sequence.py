@@ -1,0 +1,169 @@
+"""`adb run` and `adb report` on a tiny model and fake Fashion-MNIST written by the test."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from fakedata import learnable_fashion
+
+from adapterdb.metrics import cl_metrics
+
+NET = """
+import torch
+import torch.nn as nn
+
+
+class Net(nn.Module):
+    lora_targets = ["c1", "fc"]
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.c0 = nn.Conv2d(3, 8, 3, stride=2)
+        self.c1 = nn.Conv2d(8, 16, 1)
+        self.fc = nn.Linear(16, 16)
+
+    def forward(self, x):
+        return self.fc(torch.relu(self.c1(torch.relu(self.c0(x)))).mean((2, 3)))
+
+
+def build():
+    return Net()
+"""
+
+SEQ = """
+name: tiny
+defaults:
+  model: {python: "net.py:build"}
+  data: {builtin: fashion-mnist, folder: ./fm, limit: 40, eval_limit: 40, image_size: 16}
+  lora: {r: 4, alpha: 8}
+  optim: {lr: 0.02, steps: 6, batch_size: 8, seed: 0}
+  align: {p: 50, every: 2}
+tasks:
+  - {name: a, data: {classes: [0, 1]}}
+  - {name: b, data: {classes: [2, 3]}}
+"""
+METHODS = "finetune,pam,condu"
+
+
+def adb(*args: str, cwd: Path, check: bool = True, **kw) -> subprocess.CompletedProcess:
+    exe = Path(sys.executable).with_name("adb")
+    env = {**os.environ, "ADB_STORE": str(cwd)}
+    out = subprocess.run([str(exe), *args], cwd=cwd, env=env, capture_output=True, text=True, **kw)
+    if check:
+        assert out.returncode == 0, out.stderr
+    return out
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory) -> Path:
+    d = tmp_path_factory.mktemp("seq")
+    (d / "net.py").write_text(NET)
+    (d / "seq.yaml").write_text(SEQ)
+    learnable_fashion(d / "fm")
+    return d
+
+
+def fresh_store(workdir: Path, name: str) -> Path:
+    d = workdir / name
+    d.mkdir()
+    for f in ("net.py", "seq.yaml"):
+        (d / f).write_text((workdir / f).read_text())
+    (d / "fm").symlink_to(workdir / "fm")
+    adb("init", ".", cwd=d)
+    return d
+
+
+def refs_snapshot(store: Path) -> dict[str, str]:
+    root = store / ".adb"
+    files = [
+        p for p in root.rglob("*") if p.is_file() and "objects" not in p.parts and p.name != "lock"
+    ]
+    return {str(p.relative_to(root)): p.read_text() for p in files}
+
+
+@pytest.fixture(scope="module")
+def first_run(workdir: Path) -> tuple[Path, dict]:
+    d = fresh_store(workdir, "full")
+    out = adb("run", "seq.yaml", "--methods", METHODS, "--orders", "2", "--json", cwd=d)
+    return d, json.loads(out.stdout)
+
+
+def test_run_table_matches_matrices(first_run):
+    _, doc = first_run
+    assert sorted(doc["orders"]) == [["a", "b"], ["b", "a"]]
+    assert set(doc["zero_shot"]) == set(doc["independent"]) == {"a", "b"}
+    for method in METHODS.split(","):
+        mats = doc["matrices"][method]
+        assert len(mats) == 2
+        for m in mats:
+            assert len(m["R"]) == 2 and all(len(r) == 2 and None not in r for r in m["R"])
+            assert m["metrics"] == pytest.approx(
+                cl_metrics(m["R"], m["zero_shot"], m["A_t_per_task"])
+            )
+        accs = [m["metrics"]["ACC"] for m in mats]
+        assert doc["table"][method]["ACC"][0] == pytest.approx(sum(accs) / 2)
+    # ConDU experts are the independent ones (fresh LoRA, no alignment, same seed)
+    condu = doc["matrices"]["condu"][0]
+    for task, a_t in zip(condu["tasks"], condu["A_t_per_task"], strict=True):
+        assert a_t == pytest.approx(doc["independent"][task])
+
+
+def test_rerun_resumes_without_new_work(first_run):
+    d, doc = first_run
+    before = refs_snapshot(d)
+    objects = sorted(p.name for p in (d / ".adb" / "objects").rglob("*") if p.is_file())
+    out = adb("run", "seq.yaml", "--methods", METHODS, "--orders", "2", "--json", cwd=d)
+    assert refs_snapshot(d) == before
+    assert sorted(p.name for p in (d / ".adb" / "objects").rglob("*") if p.is_file()) == objects
+    assert json.loads(out.stdout)["table"] == doc["table"]
+
+
+def test_killed_run_resumes_to_the_same_result(workdir, first_run):
+    _, doc = first_run
+    d = fresh_store(workdir, "killed")
+    exe = Path(sys.executable).with_name("adb")
+    args = [str(exe), "run", "seq.yaml", "--methods", METHODS, "--orders", "2", "--json"]
+    proc = subprocess.Popen(
+        args,
+        cwd=d,
+        env={**os.environ, "ADB_STORE": str(d)},
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    deadline = time.time() + 120
+    while time.time() < deadline and not (d / ".adb" / "refs" / "heads" / "run" / "pam").exists():
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert adb("fsck", cwd=d).returncode == 0
+    out = adb("run", "seq.yaml", "--methods", METHODS, "--orders", "2", "--json", cwd=d)
+    assert json.loads(out.stdout)["table"] == doc["table"]
+
+
+def test_report_writes_plots_and_table(first_run):
+    d, _ = first_run
+    adb("report", "-o", "rep", cwd=d)
+    rep = d / "rep"
+    text = (rep / "report.md").read_text()
+    assert "| pam | 2 |" in text and "| condu | 2 |" in text
+    for png in ("forgetting.png", "acc-per-order.png", "matrix-pam.png", "matrix-condu.png"):
+        assert (rep / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_changed_run_on_same_branch_is_refused(first_run, tmp_path):
+    d, _ = first_run
+    changed = (d / "seq.yaml").read_text().replace("steps: 6", "steps: 7")
+    (d / "seq2.yaml").write_text(changed)
+    before = refs_snapshot(d)
+    out = adb("run", "seq2.yaml", "--methods", "pam", cwd=d, check=False)
+    assert out.returncode != 0 and "Traceback" not in out.stderr
+    assert len(out.stderr.strip().splitlines()) == 1 and "holds a different run" in out.stderr
+    assert refs_snapshot(d) == before
