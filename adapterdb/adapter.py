@@ -35,14 +35,6 @@ class Adapter:
     config: dict[str, Any] = field(default_factory=dict)
     metadata: dict[str, str] = field(default_factory=dict)
 
-    @property
-    def num_parameters(self) -> int:
-        return sum(t.numel() for t in self.tensors.values())
-
-    @property
-    def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in self.tensors.values())
-
 
 def check_finite(tensors: Mapping[str, RawTensor], where: str) -> None:
     """Refuse NaN/inf: a non-finite weight would poison every later merge silently."""

@@ -11,6 +11,7 @@ multiple of 8), then the tensors' little-endian bytes at the header's `data_offs
 from __future__ import annotations
 
 import json
+import math
 import mmap
 import os
 import struct
@@ -49,10 +50,7 @@ class RawTensor:
 
     @property
     def numel(self) -> int:
-        n = 1
-        for d in self.shape:
-            n *= d
-        return n
+        return math.prod(self.shape)
 
     @property
     def itemsize(self) -> int:

@@ -84,9 +84,20 @@ def main() -> None:
         message = _one_line(f"{exc.strerror or exc}{where}")
         err_console.print(f"[bold red]error:[/] {message}", soft_wrap=True)
         sys.exit(1)
-    except KeyboardInterrupt:
+    except (KeyboardInterrupt, SystemExit) as exc:
+        if not _interrupted(exc):
+            raise
         sys.stderr.write("interrupted; the store is unchanged (refs move only at the end)\n")
         sys.exit(130)
+
+
+def _interrupted(exc: BaseException | None) -> bool:
+    """Ctrl-C: typer turns the KeyboardInterrupt into a silent SystemExit(130); find it."""
+    while exc is not None:
+        if isinstance(exc, KeyboardInterrupt):
+            return True
+        exc = exc.__cause__ or exc.__context__
+    return False
 
 
 if __name__ == "__main__":

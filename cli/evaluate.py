@@ -32,6 +32,9 @@ def eval_(
     ),
     threads: int = THREADS,
     as_json: bool = JSON,
+    more_tasks: list[Path] = typer.Argument(
+        None, help="More task files: `--tasks a.yaml b.yaml` reads b.yaml from here."
+    ),
 ) -> None:
     """Accuracy of a revision on each task, recorded in the store; or the branch's metrics."""
     from adapterdb.trainers import evaluate as ev
@@ -43,7 +46,8 @@ def eval_(
         return _print_matrix(
             ev.accuracy_matrix(store, rev, None if routing == "none" else routing), as_json
         )
-    configs = [load_task(t) for t in tasks] or ev.lineage_tasks(store, rev)
+    files = [*tasks, *(more_tasks or [])]
+    configs = [load_task(t) for t in files] or ev.lineage_tasks(store, rev)
     evaluator = ev.Evaluator()
     with console.status(f"evaluating {rev} on {len(configs)} task(s)", spinner="dots"):
         result = ev.evaluate(store, rev, configs, routing, top_k, evaluator)

@@ -200,9 +200,9 @@ def diff(
     as_json: bool = JSON,
 ) -> None:
     """Per tensor: relative L2, cosine, sign agreement, changed fraction; LoRA also on ΔW."""
+    side_a, side_b = _diff_side(a), _diff_side(b)  # bad revisions fail before torch loads
     from adapterdb.compare import diff_adapters
 
-    side_a, side_b = _diff_side(a), _diff_side(b)
     result = diff_adapters(*side_a, *side_b)
     if as_json:
         emit_json(result)

@@ -33,11 +33,12 @@ def train(
 ) -> None:
     """Train an expert on one task (PAM alignment on), commit it; the global stays as it is."""
     from adapterdb.trainers.config import load_task
-    from adapterdb.trainers.loop import train as run_training
 
     store = Store.find()
     branch = check_ref_name(branch) if branch else store.refs.current_branch()
-    task = load_task(task_file)
+    task = load_task(task_file)  # a bad task file fails before torch is imported (seconds)
+    from adapterdb.trainers.loop import train as run_training
+
     set_threads(threads)
     columns = (
         TextColumn(f"[bold]{task.name}[/]"),

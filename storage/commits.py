@@ -6,11 +6,11 @@ know (kept in `extra`), and every field has a default, so old commits stay reada
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
 SCHEMA = 1
-KINDS = ("import", "train", "merge", "align", "decouple", "eval")
 
 
 @dataclass(frozen=True)
@@ -23,10 +23,7 @@ class TensorEntry:
 
     @property
     def numel(self) -> int:
-        n = 1
-        for d in self.shape:
-            n *= d
-        return n
+        return math.prod(self.shape)
 
 
 @dataclass(frozen=True)

@@ -23,7 +23,7 @@ from typing import Any
 
 import numpy as np
 
-from adapterdb.errors import AdbError, CorruptObjectError, NotFoundError
+from adapterdb.errors import CorruptObjectError, NotFoundError
 from adapterdb.storage import codec
 from adapterdb.tensorfile import DTYPES, RawTensor
 
@@ -228,12 +228,3 @@ class ObjectStore:
         if kind not in getter:
             raise self._corrupt(oid, "unknown object kind")
         getter[kind](oid)
-
-    def remove(self, oid: str) -> None:
-        self.path(oid).unlink(missing_ok=True)
-
-
-def check_oid(oid: str) -> str:
-    if len(oid) != 64 or any(c not in "0123456789abcdef" for c in oid):
-        raise AdbError(f"'{oid}' is not an object id (64 hex digits)")
-    return oid

@@ -294,7 +294,11 @@ class Store:
         return roots
 
     def _reachable(self, roots: Mapping[str, str], errors: list[str]) -> set[str]:
-        """Mark phase: commits, manifests, tensors and masks reachable from `roots`."""
+        """Mark phase: commits, manifests, tensors and masks reachable from `roots`.
+
+        A damaged commit stops the walk on its line (its parents are unknown); a damaged or
+        missing manifest does not, so the history behind it is still checked.
+        """
         live: set[str] = set()
         stack = list(roots.items())
         while stack:
@@ -303,25 +307,34 @@ class Store:
                 continue
             try:
                 commit = self.read_commit(oid)
-                live.add(oid)
-                live.update(commit.referenced_objects())
-                manifest = self.read_manifest(commit.manifest)
-                live.update(e.id for e in manifest.tensors.values())
-                for extra in commit.referenced_objects()[1:]:
-                    if not self.objects.exists(extra):
-                        errors.append(
-                            f"missing object {extra[:12]} needed by commit {oid[:12]} ({label})"
-                        )
-                for name, e in manifest.tensors.items():
-                    if not self.objects.exists(e.id):
-                        errors.append(
-                            f"missing tensor '{name}' ({e.id[:12]}) of commit {oid[:12]} ({label})"
-                        )
-            except (NotFoundError, CorruptObjectError, AdbError) as exc:
+            except AdbError as exc:  # missing or corrupt objects are AdbErrors too
                 errors.append(f"{label}: commit {oid[:12]}: {exc}")
                 continue
+            live.add(oid)
+            self._mark_contents(oid, commit, label, live, errors)
             stack.extend((f"{label}^", p) for p in commit.parents)
         return live
+
+    def _mark_contents(
+        self, oid: str, commit: Commit, label: str, live: set[str], errors: list[str]
+    ) -> None:
+        """Mark a commit's manifest, tensors and other objects; report the missing ones."""
+        needed = commit.referenced_objects()
+        live.update(needed)
+        for extra in needed[1:]:
+            if not self.objects.exists(extra):
+                errors.append(f"missing object {extra[:12]} needed by commit {oid[:12]} ({label})")
+        try:
+            manifest = self.read_manifest(commit.manifest)
+        except AdbError as exc:
+            errors.append(f"{label}: manifest of commit {oid[:12]}: {exc}")
+            return
+        for name, e in manifest.tensors.items():
+            live.add(e.id)
+            if not self.objects.exists(e.id):
+                errors.append(
+                    f"missing tensor '{name}' ({e.id[:12]}) of commit {oid[:12]} ({label})"
+                )
 
     def fsck(self, progress: Any = None) -> FsckReport:
         """Re-hash every object, then check that every ref reaches only present objects."""

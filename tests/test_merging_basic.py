@@ -28,7 +28,9 @@ WEIGHTS = st.lists(st.floats(0.1, 4.0), min_size=6, max_size=6)
 
 @SETTINGS
 @given(ref.sources(), WEIGHTS, ref.CHUNKS)
-def test_average_matches_reference(xs: list[torch.Tensor], w: list[float], chunk: int) -> None:
+def test_average_matches_reference(
+    xs: list[torch.Tensor], w: list[float], chunk: int | None
+) -> None:
     w = w[: len(xs)]
     with ref.chunk_bytes(chunk):
         out = average(xs, AverageParams(weights=tuple(w)))
@@ -68,7 +70,7 @@ def test_running_step_weights_old_and_new() -> None:
     ref.CHUNKS,
 )
 def test_task_arithmetic_matches_reference(
-    xs: list[torch.Tensor], w: list[float], lam: float, chunk: int
+    xs: list[torch.Tensor], w: list[float], lam: float, chunk: int | None
 ) -> None:
     w = w[: len(xs)]
     with ref.chunk_bytes(chunk):
@@ -117,8 +119,8 @@ def test_average_errors() -> None:
     xs = ref.make_sources((3,), 3, torch.float32, "gauss", 0)
     with pytest.raises(MismatchError, match="running average of tensor 'w' needs 2 sources"):
         average(xs, AverageParams(running=True), Context("w"))
-    with pytest.raises(MismatchError, match="weights has 2 values but tensor '' has 3 sources"):
-        average(xs, AverageParams(weights=(1.0, 1.0)))
+    with pytest.raises(MismatchError, match="weights has 2 values but tensor 'w' has 3 sources"):
+        average(xs, AverageParams(weights=(1.0, 1.0)), Context("w"))
     with pytest.raises(AdbError, match="sum to 0"):
         average(xs, AverageParams(weights=(0.0, 0.0, 0.0)))
     with pytest.raises(AdbError, match="non-negative"):

@@ -42,7 +42,7 @@ def unify_all(sources: list[dict[str, torch.Tensor]], scale: str = "tensor"):
 @SETTINGS
 @given(task_vectors(), SCALE, ref.CHUNKS)
 def test_unify_and_decouple_match_the_emr_loop_reference(
-    sources: list[dict[str, torch.Tensor]], scale: str, chunk: int
+    sources: list[dict[str, torch.Tensor]], scale: str, chunk: int | None
 ) -> None:
     """Masks exactly equal, scales to float64 rounding, unified and rebuilt experts to dtype."""
     with ref.chunk_bytes(chunk):
@@ -104,7 +104,7 @@ def test_rebuilt_experts_stay_close_to_the_originals() -> None:
 @SETTINGS
 @given(task_vectors(max_tasks=4), ref.CHUNKS)
 def test_continual_steps_unify_the_decoupled_experts_with_the_new_task(
-    sources: list[dict[str, torch.Tensor]], chunk: int
+    sources: list[dict[str, torch.Tensor]], chunk: int | None
 ) -> None:
     with ref.chunk_bytes(chunk):
         unified, masks, scales = unify_all(sources[:1])

@@ -15,7 +15,7 @@ SETTINGS = settings(max_examples=40, deadline=None, derandomize=True)
 
 @SETTINGS
 @given(ref.sources(), st.sampled_from([1.0, 0.5, -2.0]), ref.CHUNKS)
-def test_matches_reference(xs: list[torch.Tensor], lam: float, chunk: int) -> None:
+def test_matches_reference(xs: list[torch.Tensor], lam: float, chunk: int | None) -> None:
     with ref.chunk_bytes(chunk):
         out = magmax(xs, ScaleParams(lam=lam))
     ref.assert_matches(out, ref.magmax(xs, lam), xs)

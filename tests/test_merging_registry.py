@@ -11,6 +11,7 @@ import torch
 from adapterdb.errors import AdbError, MismatchError
 from adapterdb.merging import get, merge_adapters, methods, parse_params, register, registry
 from adapterdb.merging.basic import AverageParams
+from adapterdb.merging.condu import EmrParams
 from adapterdb.merging.registry import Context, Params
 from adapterdb.merging.ties import TiesParams
 
@@ -56,6 +57,7 @@ def test_parse_params_types_and_cli_names() -> None:
     )
     assert parse_params("ties", ["weights=[1, 2]", "weights=none"]).weights is None
     assert parse_params("ties", []) == TiesParams()
+    assert parse_params("emr", ["scale=global"]) == EmrParams(scale="global")
 
 
 @pytest.mark.parametrize(
@@ -88,24 +90,42 @@ def test_bad_bool_int_and_parameterless_methods() -> None:
         parse_params("finetune", ["x=1"])
 
 
-def test_direct_construction_is_validated_too() -> None:
+def test_direct_construction_is_validated_and_hashable() -> None:
+    assert hash(TiesParams(weights=[1.0, 2.0])) == hash(TiesParams(weights=(1.0, 2.0)))  # type: ignore[arg-type]
     with pytest.raises(AdbError, match="trim='row' is not one of"):
         TiesParams(trim="row")  # type: ignore[arg-type]
 
 
 @pytest.mark.parametrize("method", ALL)
 def test_merge_adapters_streams_what_the_per_tensor_function_gives(method: str) -> None:
-    srcs = adapters(3)
-    merged = merge_adapters(method, srcs)
+    srcs, m = adapters(3), get(method)
+    # TIES' default global trim makes a tensor depend on the whole adapter (test_merging_ties)
+    p = TiesParams(trim="tensor") if method == "ties" else m.params()
+    merged = merge_adapters(method, srcs, p)
     assert isinstance(merged, Iterator)
-    m = get(method)
     out = list(merged)
     assert [n for n, _ in out] == list(srcs[0])
-    if method == "ties":  # the global pass makes a tensor depend on the whole adapter
-        return
     for name, tensor in out:
-        expected = m.merge([s[name] for s in srcs], m.params(), Context(name))
+        expected = m.merge([s[name] for s in srcs], p, Context(name))
         assert torch.equal(tensor, expected), name
+
+
+@pytest.mark.parametrize("method", ALL)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_results_land_in_given_buffers(method: str, dtype: torch.dtype) -> None:
+    srcs = adapters(3, dtype)
+    buffers = {n: torch.full_like(t, float("nan")) for n, t in srcs[0].items()}
+    fresh = dict(merge_adapters(method, srcs))
+    for name, tensor in merge_adapters(method, srcs, out=buffers):
+        assert tensor is buffers[name] and torch.equal(tensor, fresh[name]), name
+
+
+def test_a_bad_buffer_is_refused_before_any_output() -> None:
+    srcs = adapters(2)
+    with pytest.raises(MismatchError, match=r"output buffer for tensor 'x.lora_A.weight' is"):
+        merge_adapters("average", srcs, out={"x.lora_A.weight": torch.zeros(6, 4)})
+    with pytest.raises(MismatchError, match=r"\(not contiguous\)"):
+        merge_adapters("ties", srcs, out={"x.lora_A.weight": torch.zeros(6, 4).t()})
 
 
 @pytest.mark.parametrize(

@@ -20,7 +20,7 @@ MASK_LAMBDA = st.sampled_from([0.0, 0.2, 0.4, 1.0, 2.0])
 @SETTINGS
 @given(ref.sources(), MASK_LAMBDA, ref.CHUNKS)
 def test_masks_and_experts_match_reference(
-    xs: list[torch.Tensor], mask_lambda: float, chunk: int
+    xs: list[torch.Tensor], mask_lambda: float, chunk: int | None
 ) -> None:
     with ref.chunk_bytes(chunk):
         mtl, masks = tall_masks(xs, mask_lambda)
@@ -34,7 +34,7 @@ def test_masks_and_experts_match_reference(
 @SETTINGS
 @given(ref.sources(2, 6), MASK_LAMBDA, st.integers(1, 3), st.sampled_from([1.0, 0.5]), ref.CHUNKS)
 def test_consensus_matches_reference(
-    xs: list[torch.Tensor], mask_lambda: float, k: int, lam: float, chunk: int
+    xs: list[torch.Tensor], mask_lambda: float, k: int, lam: float, chunk: int | None
 ) -> None:
     k = min(k, len(xs))
     with ref.chunk_bytes(chunk):

@@ -23,7 +23,7 @@ WEIGHTS = st.lists(st.floats(0.25, 3.0), min_size=6, max_size=6)
 @SETTINGS
 @given(ref.sources(), DENSITY, WEIGHTS, st.sampled_from(["sum", "count"]), ref.CHUNKS)
 def test_per_tensor_trim_matches_reference(
-    xs: list[torch.Tensor], density: float, w: list[float], elect: Elect, chunk: int
+    xs: list[torch.Tensor], density: float, w: list[float], elect: Elect, chunk: int | None
 ) -> None:
     w = w[: len(xs)]
     p = TiesParams(density=density, weights=tuple(w), lam=0.7, elect=elect, trim="tensor")

@@ -309,3 +309,14 @@ def test_provenance_records_repo_head_and_dirty(
     dirty = store.read_commit(store.commit(Commit(manifest=manifest, kind="train"), "main"))
     assert dirty.provenance == {**clean.provenance, "dirty": True}
     assert dirty.author and dirty.time >= clean.time
+
+
+def test_fsck_walks_past_a_missing_manifest(store: Store, history: list[str]) -> None:
+    """A head whose manifest is gone is reported, and the history behind it is still checked."""
+    head, oldest = store.read_commit(history[2]), store.read_commit(history[0])
+    store.objects.path(head.manifest).unlink()
+    old_tensor = next(iter(store.read_manifest(oldest.manifest).tensors.values())).id
+    store.objects.path(old_tensor).unlink()
+    errors = store.fsck().errors
+    assert any(f"manifest of commit {history[2][:12]}" in e for e in errors)
+    assert any(old_tensor[:12] in e and history[0][:12] in e for e in errors)

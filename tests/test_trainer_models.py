@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from peft import LoraConfig, get_peft_model
+from tiny_models import WORDS, save_clip, save_llama, save_llava, save_word_tokenizer
 from torch import nn
 
 from adapterdb.errors import AdbError, MismatchError
@@ -25,8 +26,6 @@ from adapterdb.trainers.models import (
     plain_pointwise_convs,
 )
 
-WORDS = ["[PAD]", "[UNK]", "[EOS]", "a", "photo", "of", "cat", "dog", "what", "is", "it", "yes"]
-
 
 @pytest.fixture(autouse=True)
 def one_thread() -> Iterator[None]:
@@ -35,18 +34,6 @@ def one_thread() -> Iterator[None]:
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
-
-
-def _save_tokenizer(folder: Path) -> None:
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    backend = Tokenizer(models.WordLevel({w: i for i, w in enumerate(WORDS)}, unk_token="[UNK]"))
-    backend.pre_tokenizer = pre_tokenizers.Whitespace()
-    tokenizer = PreTrainedTokenizerFast(
-        tokenizer_object=backend, pad_token="[PAD]", unk_token="[UNK]", eos_token="[EOS]"
-    )
-    tokenizer.save_pretrained(folder)
 
 
 @pytest.fixture(scope="module")
@@ -64,7 +51,7 @@ def bert_folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
     )
     torch.manual_seed(0)
     AutoModelForSequenceClassification.from_config(config).save_pretrained(folder)
-    _save_tokenizer(folder)
+    save_word_tokenizer(folder)
     return folder
 
 
@@ -114,19 +101,7 @@ def test_missing_or_broken_folder_is_one_line(tmp_path: Path) -> None:
 
 
 def test_clip_head_is_the_prompt_text_embeddings(tmp_path: Path) -> None:
-    from transformers import CLIPConfig, CLIPModel
-
-    config = CLIPConfig(
-        text_config={"vocab_size": len(WORDS), "hidden_size": 8, "intermediate_size": 16,
-                     "num_hidden_layers": 1, "num_attention_heads": 2,
-                     "max_position_embeddings": 16, "bos_token_id": 0, "eos_token_id": 2},
-        vision_config={"hidden_size": 8, "intermediate_size": 16, "num_hidden_layers": 1,
-                       "num_attention_heads": 2, "image_size": 16, "patch_size": 8},
-        projection_dim=8,
-    )  # fmt: skip
-    torch.manual_seed(0)
-    CLIPModel(config).save_pretrained(tmp_path)
-    _save_tokenizer(tmp_path)
+    save_clip(tmp_path)
     prompts = ["a photo of a cat", "a photo of a dog", "a photo of it"]
     loaded = load_model(ModelSpec(path=tmp_path, task="clip", prompts=prompts))
     assert loaded.head is not None and loaded.head.num_classes == 3
@@ -148,22 +123,7 @@ def test_clip_head_is_the_prompt_text_embeddings(tmp_path: Path) -> None:
 
 
 def test_causal_lm_question_answer_batches(tmp_path: Path) -> None:
-    from transformers import AutoModelForCausalLM, LlamaConfig
-
-    config = LlamaConfig(
-        vocab_size=len(WORDS),
-        hidden_size=8,
-        intermediate_size=16,
-        num_hidden_layers=1,
-        num_attention_heads=2,
-        num_key_value_heads=2,
-        pad_token_id=0,
-        eos_token_id=2,
-        bos_token_id=None,
-    )
-    torch.manual_seed(0)
-    AutoModelForCausalLM.from_config(config).save_pretrained(tmp_path)
-    _save_tokenizer(tmp_path)
+    save_llama(tmp_path)
     loaded = load_model(ModelSpec(path=tmp_path, task="causal-lm"))
     assert loaded.target_modules == ["q_proj", "v_proj"]
     batch = loaded.collate(
@@ -190,51 +150,8 @@ def test_causal_lm_question_answer_batches(tmp_path: Path) -> None:
         loaded.logits(batch)
 
 
-def _save_tiny_llava(folder: Path) -> None:
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import (
-        CLIPImageProcessorPil,
-        LlavaConfig,
-        LlavaForConditionalGeneration,
-        LlavaProcessor,
-        PreTrainedTokenizerFast,
-    )
-
-    backend = Tokenizer(models.WordLevel({w: i for i, w in enumerate(WORDS)}, unk_token="[UNK]"))
-    backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    tokenizer = PreTrainedTokenizerFast(
-        tokenizer_object=backend, pad_token="[PAD]", unk_token="[UNK]", eos_token="[EOS]"
-    )
-    tokenizer.add_tokens(["<image>"], special_tokens=True)
-    images = CLIPImageProcessorPil(
-        size={"shortest_edge": 16}, crop_size={"height": 16, "width": 16}
-    )
-    processor = LlavaProcessor(
-        image_processor=images,
-        tokenizer=tokenizer,
-        patch_size=8,
-        vision_feature_select_strategy="full",
-        image_token="<image>",
-        num_additional_image_tokens=1,  # CLIP's class token: 2x2 patches + 1 per image
-    )
-    config = LlavaConfig(
-        vision_config={"model_type": "clip_vision_model", "hidden_size": 8,
-                       "intermediate_size": 16, "num_hidden_layers": 1,
-                       "num_attention_heads": 2, "image_size": 16, "patch_size": 8},
-        text_config={"model_type": "llama", "vocab_size": len(WORDS) + 1, "hidden_size": 8,
-                     "intermediate_size": 16, "num_hidden_layers": 1, "num_attention_heads": 2,
-                     "num_key_value_heads": 2, "pad_token_id": 0},
-        image_token_index=len(WORDS),
-        vision_feature_select_strategy="full",
-        vision_feature_layer=-1,
-    )  # fmt: skip
-    torch.manual_seed(0)
-    LlavaForConditionalGeneration(config).save_pretrained(folder)
-    processor.save_pretrained(folder)
-
-
 def test_vision_to_text_loss_only_on_answers(tmp_path: Path) -> None:
-    _save_tiny_llava(tmp_path)
+    save_llava(tmp_path)
     loaded = load_model(ModelSpec(path=tmp_path, task="vision-to-text"))
     assert loaded.kind == "vision-to-text" and loaded.target_modules == ["q_proj", "v_proj"]
     image = torch.randint(0, 256, (3, 20, 20), dtype=torch.uint8)
@@ -245,10 +162,12 @@ def test_vision_to_text_loss_only_on_answers(tmp_path: Path) -> None:
     batch = loaded.collate(items)
     assert batch["pixel_values"].shape == (2, 3, 16, 16)
     ids = {w: i for i, w in enumerate(WORDS)}
+    eos = loaded.preprocessor.tokenizer.eos_token_id
+    assert eos is not None
     real = batch["attention_mask"].sum(1).tolist()
-    assert real == [5 + 5, 5 + 2]  # 5 image tokens each
+    assert real == [5 + 5 + 1, 5 + 2 + 1]  # 5 image tokens each, answers end with EOS
     answers = [row[row != -100].tolist() for row in batch["lm_labels"]]
-    assert answers == [[ids["a"], ids["cat"]], [ids["yes"]]]
+    assert answers == [[ids["a"], ids["cat"], eos], [ids["yes"], eos]]
     loaded.module.eval()
     logits = loaded.module(
         **{k: batch[k] for k in ("input_ids", "attention_mask", "pixel_values")}

@@ -8,9 +8,13 @@ causal LM. Dimensions are 8-16 so that a training step takes milliseconds on one
 
 from __future__ import annotations
 
+import io
 import json
+import os
 import random
+import sys
 from collections.abc import Iterable, Mapping, Sequence
+from contextlib import redirect_stderr, redirect_stdout
 from pathlib import Path
 from typing import Any
 
@@ -189,7 +193,7 @@ def write_yaml(path: Path, doc: Mapping[str, Any]) -> Path:
 
 
 def topic_rows(classes: Sequence[Sequence[str]], n: int, seed: int) -> list[dict[str, Any]]:
-    """`n` rows of 4 words drawn from the word list of a random class; label = the class."""
+    """`n` rows (classes in turn, then shuffled) of 4 words drawn from the class's words."""
     rng = random.Random(seed)
     rows = []
     for i in range(n):
@@ -252,3 +256,50 @@ def write_images(folder: Path, n: int, seed: int, size: int = 16) -> list[tuple[
         Image.fromarray(pixels.to(torch.uint8).numpy()).save(folder / name)
         out.append((f"{folder.name}/{name}", label))
     return out
+
+
+# --- the CLI in this process ----------------------------------------------------------------
+
+
+def adb_in_process(args: Sequence[str], cwd: Path) -> tuple[int, str, str]:
+    """`adb ARGS` through the console script's entry point (adapterdb.cli.app:main) in this
+    process: (exit code, stdout, stderr). Same parsing and error handling as the installed
+    script, without the 5-10 s of interpreter + torch start-up a subprocess costs on a busy
+    2-core box; an exception that escapes `main` (a traceback) fails the calling test."""
+    from adapterdb.cli import app as cli_app
+
+    out, err = io.StringIO(), io.StringIO()
+    saved_cwd, saved_argv, saved_store = Path.cwd(), sys.argv, os.environ.pop("ADB_STORE", None)
+    code: int = 0
+    try:
+        os.chdir(cwd)
+        sys.argv = ["adb", *args]
+        with redirect_stdout(out), redirect_stderr(err):
+            try:
+                cli_app.main()
+            except SystemExit as exc:
+                code = exc.code if isinstance(exc.code, int) else int(exc.code is not None)
+    finally:
+        os.chdir(saved_cwd)
+        sys.argv = saved_argv
+        if saved_store is not None:
+            os.environ["ADB_STORE"] = saved_store
+    return code, out.getvalue(), err.getvalue()
+
+
+def write_image_tasks(root: Path) -> None:
+    """clip_{train,eval}.jsonl (image/label: dark 0, bright 1), vqa_*.jsonl (image/question/
+    answer, questions of two lengths so batches get padded) and qa_*.jsonl (text only)."""
+    for split, n, seed in (("train", 16, 1), ("eval", 6, 2)):
+        images = write_images(root / "img", n, seed)
+        write_jsonl(root / f"clip_{split}.jsonl", [{"image": p, "label": y} for p, y in images])
+        questions = ["<image> what is it", "<image> it"]
+        write_jsonl(
+            root / f"vqa_{split}.jsonl",
+            [{"image": p, "question": questions[i % 2], "answer": "yes"}
+             for i, (p, _) in enumerate(images)],
+        )  # fmt: skip
+        write_jsonl(
+            root / f"qa_{split}.jsonl",
+            [{"question": ["what is it", "it"][i % 2], "answer": "a cat"} for i in range(n)],
+        )

@@ -9,6 +9,7 @@ is computed once per task; each check is one fused pass. The expert is committed
 
 from __future__ import annotations
 
+import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -79,6 +80,7 @@ def train(
         raise AdbError(
             f"optim.precision={task.optim.precision} is not usable here ({exc})"
         ) from None
+    check_process_group(accel.num_processes)
     set_seed(task.optim.seed)
     started = time.perf_counter()
     head, glob = global_adapter(store, branch)
@@ -103,7 +105,7 @@ def train(
     loader = runtime.batches(
         rt, rt.data.train, task.optim.batch_size, shuffle=True, drop_last=False
     )
-    model, opt, loader = accel.prepare(rt.peft, opt, loader)
+    model, opt, loader = accel.prepare(StepLoss(rt, task.optim.label_smoothing), opt, loader)
     steps = total_steps(task, len(rt.data.train), accel.num_processes)
     checks: list[dict[str, float]] = []
     rt.loaded.train(True)
@@ -112,7 +114,7 @@ def train(
     for step in range(1, steps + 1):
         for _ in range(task.optim.grad_accum):
             with accel.accumulate(model), accel.autocast():
-                loss = step_loss(rt, next(batches), task.optim.label_smoothing)
+                loss = model(next(batches))
                 accel.backward(loss)
                 opt.step()
                 opt.zero_grad()
@@ -130,6 +132,35 @@ def train(
         result.commit_id = commit_expert(store, branch, head, task, rt, result)
     accel.wait_for_everyone()
     return result
+
+
+def check_process_group(processes: int) -> None:
+    """Refuse a multi-process launch that accelerate runs as independent single processes
+    (torchrun or `accelerate launch --multi_gpu` on a machine without a GPU and without
+    ACCELERATE_USE_CPU): every process would train alone and commit its own expert."""
+    launched = int(os.environ.get("WORLD_SIZE", "1"))
+    if launched > 1 and processes == 1:
+        raise AdbError(
+            f"launched as {launched} processes but accelerate sees {processes}; on CPU set "
+            "ACCELERATE_USE_CPU=1 so the processes form one (gloo) group"
+        )
+
+
+class StepLoss(torch.nn.Module):
+    """The training loss as the forward of a module that owns the PEFT model.
+
+    `accel.prepare` wraps this module in DDP when there are several processes; DDP only
+    all-reduces gradients of a backward that follows its own forward, and the model-specific
+    closures in `rt.loaded` call the inner module directly, so the loss must come from here.
+    """
+
+    def __init__(self, rt: runtime.Runtime, smoothing: float) -> None:
+        super().__init__()
+        self.peft = rt.peft  # registers the LoRA parameters with the wrapper
+        self.rt, self.smoothing = rt, smoothing
+
+    def forward(self, batch: dict[str, Any]) -> torch.Tensor:
+        return step_loss(self.rt, batch, self.smoothing)
 
 
 def step_loss(rt: runtime.Runtime, batch: dict[str, Any], smoothing: float) -> torch.Tensor:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -56,6 +56,7 @@ class Source:
     label: str
     tensors: Mapping[str, torch.Tensor]
     config: dict[str, Any]
+    layout: dict[str, tuple[str, tuple[int, ...]]]  # name -> (dtype, shape), known unloaded
     commit_id: str | None = None
     commit: Commit | None = None
     manifest_id: str | None = None
@@ -69,7 +70,8 @@ def open_source(spec: str, store: Store | None) -> Source:
     """A PEFT folder path, else a revision of `store`."""
     if Path(spec).is_dir():
         config, raw, _ = read_peft_raw(spec)
-        return Source(spec, LazyTensors(sorted(raw), lambda n: to_torch(raw[n])), config)
+        layout = {n: (r.dtype, r.shape) for n, r in raw.items()}
+        return Source(spec, LazyTensors(sorted(raw), lambda n: to_torch(raw[n])), config, layout)
     if store is None:
         raise AdbError(f"'{spec}' is not a folder, and there is no store to resolve it in")
     oid = store.resolve(spec)
@@ -79,14 +81,38 @@ def open_source(spec: str, store: Store | None) -> Source:
     def load(name: str) -> torch.Tensor:
         return to_torch(store.objects.get_tensor(manifest.tensors[name].id))
 
-    return Source(
-        spec,
-        LazyTensors(sorted(manifest.tensors), load),
-        manifest.config,
-        oid,
-        commit,
-        commit.manifest,
-    )
+    layout = {n: (e.dtype, e.shape) for n, e in manifest.tensors.items()}
+    tensors = LazyTensors(sorted(manifest.tensors), load)
+    return Source(spec, tensors, manifest.config, layout, oid, commit, commit.manifest)
+
+
+def check_layout(sources: Sequence[Source], space: str) -> None:
+    """Refuse incompatible sources from their metadata alone, before any tensor is decoded or
+    any merged object written: same tensor names and dtypes; same shapes in factor space; in
+    product space LoRA factors may differ in rank but not in the adapted layer's shape."""
+    first = sources[0]
+    pairs, _ = lora_pairs(first.layout)
+    rank_axis = {p.a: 0 for p in pairs} | {p.b: 1 for p in pairs} if space == "product" else {}
+    for s in sources[1:]:
+        for name in sorted(set(first.layout) ^ set(s.layout)):
+            where = s.label if name in s.layout else first.label
+            raise MismatchError(
+                f"tensor '{name}' is only in {where}; merge adapters of the same modules"
+            )
+        if space == "factors":
+            check_equal_ranks(first, s)
+        for name, (dtype, shape) in first.layout.items():
+            other_dtype, other = s.layout[name]
+            axis = rank_axis.get(name)
+            if other_dtype != dtype or _without(other, axis) != _without(shape, axis):
+                raise MismatchError(
+                    f"tensor '{name}' is {other_dtype} {list(other)} in {s.label} but {dtype} "
+                    f"{list(shape)} in {first.label}; merge adapters of one base model and rank"
+                )
+
+
+def _without(shape: tuple[int, ...], axis: int | None) -> tuple[int, ...]:
+    return shape if axis is None else shape[:axis] + shape[axis + 1 :]
 
 
 # -- the merge itself ----------------------------------------------------------------------
@@ -103,8 +129,8 @@ def merge(
     method: str, params: registry.Params, sources: Sequence[Source], space: str, rank: int | None
 ) -> MergeResult:
     """Merge `sources` with a registered method in factor or product space (lazy output)."""
+    check_layout(sources, space)
     if space == "factors":
-        check_equal_ranks(sources)
         tensors = [s.tensors for s in sources]
         return MergeResult(
             registry.merge_adapters(method, tensors, params), dict(sources[-1].config)
@@ -114,22 +140,19 @@ def merge(
     raise AdbError(f"unknown space {space!r}; use factors or product")
 
 
-def check_equal_ranks(sources: Sequence[Source]) -> None:
+def check_equal_ranks(first: Source, other: Source) -> None:
     """Factor-space merging adds A to A and B to B: ranks and scales must agree."""
-    first = sources[0]
-    pairs, _ = lora_pairs(first.tensors)
-    for s in sources[1:]:
-        for pair in pairs:
-            if pair.a not in s.tensors:
-                continue  # name mismatches are reported by the registry with the source index
-            r0, r1 = first.tensors[pair.a].shape[0], s.tensors[pair.a].shape[0]
-            s0 = pair_scale(first.config, pair, first.tensors[pair.a])
-            s1 = pair_scale(s.config, pair, s.tensors[pair.a])
-            if r0 != r1 or abs(s0 - s1) > 1e-9 * max(abs(s0), 1.0):
-                raise MismatchError(
-                    f"tensor '{pair.a}': rank/scale {r1}/{s1:g} in {s.label} vs {r0}/{s0:g} in "
-                    f"{first.label}; factor space needs equal ranks and scales, use --space product"
-                )
+    for pair in lora_pairs(first.layout)[0]:
+        if pair.a not in other.layout:
+            continue  # name mismatches are reported by check_layout
+        r0, r1 = first.layout[pair.a][1][0], other.layout[pair.a][1][0]
+        s0 = lora_scale(first.config, module_path(pair.module), r0)
+        s1 = lora_scale(other.config, module_path(pair.module), r1)
+        if r0 != r1 or abs(s0 - s1) > 1e-9 * max(abs(s0), 1.0):
+            raise MismatchError(
+                f"tensor '{pair.a}': rank/scale {r1}/{s1:g} in {other.label} vs {r0}/{s0:g} in "
+                f"{first.label}; factor space needs equal ranks and scales, use --space product"
+            )
 
 
 def linear_weights(method: str, params: registry.Params, count: int) -> list[float]:
@@ -301,7 +324,8 @@ def merge_into(
     algo = ALIASES.get(method, method)
     if isinstance(params, registry.get("average").params) and params.running:
         params = dataclasses.replace(params, step=_merged_tasks(store, head) + 1)
-    sources = ([open_source(head, store)] if head else []) + new
+    current = [replace(open_source(head, store), label=f"{branch}@{head[:10]}")] if head else []
+    sources = current + new
     if head is None and len(sources) == 1:
         result = MergeResult(iter(sources[0].tensors.items()), dict(sources[0].config))
         warnings.append("the branch was empty: the first source becomes the global adapter as is")
@@ -376,6 +400,7 @@ def _condu_into(
 ) -> MergeOutcome:
     """ConDU continual step: decouple the stored experts, add the new ones, unify, commit."""
     unified, old = stored_experts(store, head)
+    check_layout([unified, *new] if unified else list(new), "factors")
     tasks = list(old) + [check_task_name(s.task or Path(s.label).name) for s in new]
     if len(set(tasks)) != len(tasks):
         raise AdbError(f"task names repeat in {tasks}; each ConDU task needs its own name")

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
+import inspect
 import json
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -162,15 +163,7 @@ def _load_causal_lm(spec: ModelSpec) -> LoadedModel:
 
     model = _from_pretrained(AutoModelForCausalLM, spec.path)
     tokenizer = _tokenizer(spec.path)
-    return LoadedModel(
-        module=model,
-        kind="causal-lm",
-        target_modules=default_targets(model),
-        collate=text_collate(tokenizer),
-        features_fn=_mean_hidden(model),
-        lm_loss_fn=_token_loss(model),
-        preprocessor=tokenizer,
-    )
+    return _generative(model, "causal-lm", tokenizer, text_collate(tokenizer))
 
 
 def _load_clip(spec: ModelSpec) -> LoadedModel:
@@ -215,14 +208,21 @@ def _load_vision_to_text(spec: ModelSpec) -> LoadedModel:
 
     model = _from_pretrained(AutoModelForImageTextToText, spec.path)
     processor = _from_pretrained(AutoProcessor, spec.path)
+    return _generative(model, "vision-to-text", processor, processor_collate(processor))
+
+
+def _generative(
+    model: nn.Module, kind: str, preprocessor: Any, collate: Callable[[list[dict[str, Any]]], Batch]
+) -> LoadedModel:
+    """A model trained on answer tokens; features are its mean last hidden state."""
     return LoadedModel(
         module=model,
-        kind="vision-to-text",
+        kind=kind,
         target_modules=default_targets(model),
-        collate=processor_collate(processor),
+        collate=collate,
         features_fn=_mean_hidden(model),
         lm_loss_fn=_token_loss(model),
-        preprocessor=processor,
+        preprocessor=preprocessor,
     )
 
 
@@ -466,17 +466,40 @@ def generic_collate(image_size: int) -> Callable[[list[dict[str, Any]]], Batch]:
     return collate
 
 
+def _first_answer(answer: Any) -> str:
+    """The training target: the answer, or the first of a VQA item's annotator answers."""
+    if isinstance(answer, list):
+        return str(answer[0]) if answer else ""
+    return "" if answer is None else str(answer)
+
+
 def processor_collate(processor: Any) -> Callable[[list[dict[str, Any]]], Batch]:
-    """VLM batches through the model's own processor (which expands the image tokens);
-    lm_labels keep only the answer: the last n real tokens of each row, n = the answer's
-    token count, so it works for left or right padding."""
+    """VLM batches through the model's own processor (which expands the image tokens).
+
+    The answer ends with EOS, so that generation learns to stop. Processors that take a
+    `suffix` (PaliGemma) build the answer labels themselves, prompt masked; for the others
+    lm_labels keep the last n real tokens of each row, n = the answer's token count (EOS
+    included), which works for left or right padding.
+    """
+    takes_suffix = "suffix" in inspect.signature(processor.__call__).parameters
 
     def collate(items: list[dict[str, Any]]) -> Batch:
-        answers = [f" {item['answer']}" if item.get("answer") else "" for item in items]
-        text = [f"{item['question']}{answer}" for item, answer in zip(items, answers, strict=True)]
+        answers = [_first_answer(item.get("answer")) for item in items]
+        questions = [item["question"] for item in items]
         images = [item["image"] for item in items] if "image" in items[0] else None
+        if takes_suffix:
+            encoded = dict(
+                processor(
+                    text=questions, images=images, suffix=answers, padding=True, return_tensors="pt"
+                )
+            )
+            encoded["lm_labels"] = encoded.pop("labels")
+            return {**encoded, **_labels(items)}
+        eos = processor.tokenizer.eos_token or ""
+        tails = [f" {a}{eos}" if a else "" for a in answers]
+        text = [q + tail for q, tail in zip(questions, tails, strict=True)]
         encoded = dict(processor(text=text, images=images, padding=True, return_tensors="pt"))
-        tokenized = processor.tokenizer(answers, add_special_tokens=False)["input_ids"]
+        tokenized = processor.tokenizer(tails, add_special_tokens=False)["input_ids"]
         n_answer = torch.tensor([len(ids) for ids in tokenized]).unsqueeze(1)
         mask = encoded["attention_mask"]
         from_end = mask.flip(1).cumsum(1).flip(1)  # real tokens at or after each position

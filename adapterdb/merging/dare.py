@@ -6,9 +6,9 @@ entries are rescaled by 1/density, so E[τ̃_t] = τ_t. Then `dare` is task arit
 (PEFT's `dare_ties`). Default density 0.1 (the paper's drop rate 0.9).
 
 The keep mask of (seed, tensor name, source index) is a fixed function of those three, drawn
-from a PCG64 stream seeded by their BLAKE2b hash: merging the tensors in any order, in any
-chunking, or only some of them, gives the same masks. NumPy's raw PCG64 stream is
-version-stable (NEP 19) and ~5x faster than `torch.bernoulli`; 32 random bits per entry make
+from a SFC64 stream seeded by their BLAKE2b hash: merging the tensors in any order, in any
+chunking, or only some of them, gives the same masks. NumPy's raw SFC64 stream is
+version-stable (NEP 19) and ~10x faster than `torch.bernoulli`; 32 random bits per entry make
 the keep probability exact to 2^-32.
 """
 
@@ -44,13 +44,13 @@ class DareTiesParams(DareParams):
     elect: Elect = "sum"
 
 
-def drop_stream(seed: int, name: str, source: int) -> np.random.PCG64:
+def drop_stream(seed: int, name: str, source: int) -> np.random.SFC64:
     """The random bit stream behind the keep mask of one (seed, tensor, source)."""
     key = hashlib.blake2b(f"{seed}\0{name}\0{source}".encode(), digest_size=16).digest()
-    return np.random.PCG64(int.from_bytes(key, "little"))
+    return np.random.SFC64(int.from_bytes(key, "little"))
 
 
-def next_keep(stream: np.random.PCG64, count: int, density: float) -> torch.Tensor:
+def next_keep(stream: np.random.SFC64, count: int, density: float) -> torch.Tensor:
     """The next `count` keep flags of a stream as float32 0/1: 32 random bits < density·2^32.
 
     Element i always uses the i-th 32-bit word of the stream, provided every call but the last
@@ -63,17 +63,19 @@ def next_keep(stream: np.random.PCG64, count: int, density: float) -> torch.Tens
 
 def keep_mask(seed: int, name: str, source: int, shape: torch.Size, density: float) -> torch.Tensor:
     """The whole keep mask (bool) of one source's tensor (the merge draws it chunk by chunk)."""
+    if density >= 1:
+        return torch.ones(shape, dtype=torch.bool)
     numel = int(torch.Size(shape).numel())
     return next_keep(drop_stream(seed, name, source), numel, density).reshape(shape).bool()
 
 
 def dare_merge(
-    tensors: Sequence[torch.Tensor], p: DareParams, name: str, elect: Elect | None
+    tensors: Sequence[torch.Tensor], p: DareParams, ctx: Context, elect: Elect | None
 ) -> torch.Tensor:
     """Drop-and-rescale every source, then sum (elect None) or TIES-merge (elect given)."""
-    check_tensors(tensors, name)
-    weights = source_weights(p.weights, len(tensors), name) / p.density
-    streams = [drop_stream(p.seed, name, t) for t in range(len(tensors))]
+    check_tensors(tensors, ctx.name)
+    weights = source_weights(p.weights, len(tensors), ctx.name) / p.density
+    streams = [drop_stream(p.seed, ctx.name, t) for t in range(len(tensors))]
 
     def chunk(x: torch.Tensor, _: slice) -> torch.Tensor:  # chunks arrive in order
         if p.density < 1:
@@ -83,13 +85,13 @@ def dare_merge(
             return (weights @ x).mul_(p.lam)
         return disjoint_merge(x, weights, elect, p.lam)
 
-    return map_chunks(tensors, chunk)
+    return map_chunks(tensors, chunk, ctx.out)
 
 
 @register("dare", params=DareParams)
 def dare(tensors: Sequence[torch.Tensor], p: DareParams, ctx: Context = NO_CONTEXT) -> torch.Tensor:
     """DARE + task arithmetic: λ·Σ_t w_t·(m_t ⊙ τ_t)/density."""
-    return dare_merge(tensors, p, ctx.name, None)
+    return dare_merge(tensors, p, ctx, None)
 
 
 @register("dare_ties", params=DareTiesParams)
@@ -97,4 +99,4 @@ def dare_ties(
     tensors: Sequence[torch.Tensor], p: DareTiesParams, ctx: Context = NO_CONTEXT
 ) -> torch.Tensor:
     """DARE + TIES: elect and disjoint-merge the dropped-and-rescaled sources."""
-    return dare_merge(tensors, p, ctx.name, p.elect)
+    return dare_merge(tensors, p, ctx, p.elect)

@@ -38,6 +38,8 @@ class Params:
         for f in dataclasses.fields(self):
             choices = typing.get_args(hints[f.name])
             value = getattr(self, f.name)
+            if isinstance(value, list):  # weights=[...] from Python: keep the params hashable
+                object.__setattr__(self, f.name, tuple(value))
             if typing.get_origin(hints[f.name]) is typing.Literal and value not in choices:
                 raise AdbError(
                     f"{_cli_name(f.name)}={value!r} is not one of: {', '.join(map(str, choices))}"
@@ -53,11 +55,14 @@ class Context:
     """What a per-tensor step may need beyond its tensors.
 
     `name` seeds DARE's drop masks; `thresholds` (T,) is the result of the method's global
-    pass (TIES' per-source trim thresholds over the whole task vector), None when not run.
+    pass (TIES' per-source trim thresholds over the whole task vector), None when not run;
+    `out`, when given, is a contiguous buffer of the sources' shape and dtype that receives
+    the result (reusing buffers spares fresh pages, which cost more than the merge itself).
     """
 
     name: str = ""
     thresholds: torch.Tensor | None = None
+    out: torch.Tensor | None = None
 
 
 NO_CONTEXT = Context()
@@ -197,22 +202,39 @@ def check_sources(sources: Sequence[Mapping[str, torch.Tensor]]) -> None:
         check_tensors([s[name] for s in sources], name)
 
 
+def check_out(out: torch.Tensor, like: torch.Tensor, name: str) -> None:
+    """A result buffer must be contiguous with the sources' shape and dtype."""
+    if out.shape != like.shape or out.dtype != like.dtype or not out.is_contiguous():
+        raise MismatchError(
+            f"output buffer for tensor {name!r} is {out.dtype} {tuple(out.shape)}"
+            f"{'' if out.is_contiguous() else ' (not contiguous)'} but the sources are "
+            f"{like.dtype} {tuple(like.shape)}; pass a contiguous buffer like the sources"
+        )
+
+
 def merge_adapters(
-    method: str, sources: Sequence[Mapping[str, torch.Tensor]], params: Params | None = None
+    method: str,
+    sources: Sequence[Mapping[str, torch.Tensor]],
+    params: Params | None = None,
+    out: Mapping[str, torch.Tensor] | None = None,
 ) -> Iterator[tuple[str, torch.Tensor]]:
     """Merge whole adapters: validate, run the method's global pass, then yield tensor by tensor.
 
     Validation and the global pass run on the call (errors surface before any output); the
     merge itself is lazy. Only the T sources of one tensor are ever stacked, so peak extra
-    memory is O(T x largest tensor) beyond the inputs and what the caller keeps.
+    memory is O(T x largest tensor) beyond the inputs and what the caller keeps. `out` maps
+    (some) names to buffers that receive those results in place (see `Context.out`).
     """
     m = get(method)
     p = m.params() if params is None else params
     if not isinstance(p, m.params):
         raise AdbError(f"{method}: expected {m.params.__name__}, got {type(p).__name__}")
     check_sources(sources)
+    buffers = dict(out or {})
+    for name, buf in buffers.items():
+        check_out(buf, sources[0][name], name)
     thresholds = m.prepare(sources, p) if m.prepare is not None else None
     return (
-        (name, m.merge([s[name] for s in sources], p, Context(name, thresholds)))
+        (name, m.merge([s[name] for s in sources], p, Context(name, thresholds, buffers.get(name))))
         for name in sources[0]
     )

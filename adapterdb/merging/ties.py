@@ -52,10 +52,13 @@ class TiesParams(WeightedParams):
 def ties_thresholds(
     sources: Sequence[Mapping[str, torch.Tensor]], p: TiesParams
 ) -> torch.Tensor | None:
-    """The global pass: one exact trim threshold per source over all its tensors (T,)."""
+    """The global pass: one exact trim threshold per source over all its tensors (T,).
+
+    `s.values` is handed over as a callable, so a lazily loading Mapping is streamed tensor by
+    tensor (read once per radix pass) instead of being held in memory whole."""
     if p.trim != "global" or p.density >= 1:
         return None
-    return torch.tensor([magnitude_threshold(list(s.values()), p.density) for s in sources])
+    return torch.tensor([magnitude_threshold(s.values, p.density) for s in sources])
 
 
 def trim_rows(x: torch.Tensor, thresholds: Sequence[float]) -> None:
@@ -100,4 +103,4 @@ def ties(tensors: Sequence[torch.Tensor], p: TiesParams, ctx: Context = NO_CONTE
         trim_rows(x, taus)
         return disjoint_merge(x, weights, p.elect, p.lam)
 
-    return map_chunks(tensors, chunk)
+    return map_chunks(tensors, chunk, ctx.out)
