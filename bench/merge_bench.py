@@ -38,6 +38,7 @@ import tempfile
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass
+from importlib import metadata
 from pathlib import Path
 from typing import Any
 
@@ -58,7 +59,9 @@ from shapes import LAYERS, MODULES, RANK, gemma_like_config, gemma_like_lora
 
 from adapterdb.alignment import align_adapter_, alignment_thresholds
 from adapterdb.merging import Unifier, registry
-from adapterdb.topk import kth_largest_abs
+from adapterdb.merging.basic import weighted_sum
+from adapterdb.merging.dare import drop_stream, next_keep
+from adapterdb.topk import kth_largest_abs, magnitude_threshold
 
 Tensors = dict[str, torch.Tensor]
 SEQUENCE = Path(__file__).resolve().parents[1] / "trainers/sequences/split-fashion-mnist.yaml"
@@ -193,6 +196,52 @@ def unifier(sources: Sequence[Tensors]) -> Callable[[], None]:
     return run
 
 
+def fresh_pages(like: Tensors, keep: dict[str, Tensors]) -> Callable[[], None]:
+    """Diagnostic: allocate and fill one adapter's worth of outputs, kept like a merge result.
+    This is what a fresh output costs before any arithmetic (page faults: the allocator gives
+    freed outputs back to the OS, so each call faults them in again)."""
+
+    def run() -> None:
+        keep["ours"] = {}
+        keep["ours"] = {n: torch.empty_like(x).fill_(0) for n, x in like.items()}
+
+    return run
+
+
+def average_into(sources: Sequence[Tensors], out: Tensors) -> Callable[[], None]:
+    """Diagnostic: the average kernel (`basic.weighted_sum`) into pre-touched outputs, i.e.
+    the registry's average without fresh output pages: same footing as the ceiling."""
+    weights = torch.full((len(sources),), 1 / len(sources))
+
+    def run() -> None:
+        for name, dst in out.items():
+            weighted_sum([s[name] for s in sources], weights, out=dst)
+
+    return run
+
+
+def ties_thresholds_only(sources: Sequence[Tensors], density: float) -> Callable[[], None]:
+    """Diagnostic: TIES' per-tensor exact trim thresholds alone (T selects per tensor)."""
+
+    def run() -> None:
+        for name in sources[0]:
+            for s in sources:
+                magnitude_threshold(s[name], density)
+
+    return run
+
+
+def dare_masks_only(sources: Sequence[Tensors], density: float) -> Callable[[], None]:
+    """Diagnostic: DARE's keep masks alone (the seeded PCG64 stream, as float 0/1)."""
+
+    def run() -> None:
+        for name, x in sources[0].items():
+            for t in range(len(sources)):
+                next_keep(drop_stream(0, name, t), x.numel(), density)
+
+    return run
+
+
 def peft(
     kind: str, sources: Sequence[Tensors], density: float, keep: dict[str, Tensors]
 ) -> Callable[[], None]:
@@ -284,9 +333,13 @@ def bench_block(sources: Sequence[Tensors], repeat: int) -> dict[str, Any]:
     size = nbytes(sources[0])
     out = {n: torch.zeros_like(x) for n, x in sources[0].items()}
     keep: dict[str, Tensors] = {}
+    spare = {n: torch.zeros_like(x) for n, x in sources[0].items()}
     plan: dict[str, tuple[Callable[[], None], Callable[[], None] | None, int]] = {
-        # label -> (ours, PEFT or None, bytes touched in units of one adapter)
+        # label -> (ours, PEFT or None, bytes touched in units of one adapter); labels in
+        # parentheses are diagnostics that split a method's time into its parts
+        "(fresh output pages)": (fresh_pages(sources[0], keep), None, 1),
         "average": (ours("average", [], sources, keep), None, t + 1),
+        "(average into out=)": (average_into(sources, spare), None, t + 1),
         "finetune": (ours("finetune", [], sources, keep), None, 2),  # reads only the last
         "task_arithmetic": (
             ours("task_arithmetic", [], sources, keep),
@@ -294,6 +347,7 @@ def bench_block(sources: Sequence[Tensors], repeat: int) -> dict[str, Any]:
             t + 1,
         ),
         "ties": (ours("ties", [], sources, keep), None, t + 1),
+        "(ties_tensor thresholds)": (ties_thresholds_only(sources, TIES_DENSITY), None, t),
         "ties_tensor": (
             ours("ties", ["trim=tensor", "elect=sum", f"density={TIES_DENSITY}"], sources, keep),
             peft("ties", sources, TIES_DENSITY, keep),
@@ -304,6 +358,7 @@ def bench_block(sources: Sequence[Tensors], repeat: int) -> dict[str, Any]:
             peft("dare_linear", sources, DARE_DENSITY, keep),
             t + 1,
         ),
+        "(dare masks)": (dare_masks_only(sources, DARE_DENSITY), None, 0),
         "dare_ties": (ours("dare_ties", [], sources, keep), None, t + 1),
         "magmax": (ours("magmax", [], sources, keep), None, t + 1),
         "tall": (ours("tall", [], sources, keep), None, t + 1),
@@ -342,7 +397,7 @@ def bench_block(sources: Sequence[Tensors], repeat: int) -> dict[str, Any]:
         took = time.perf_counter() - started
         extra = f", {row['speedup_vs_peft']:.1f}x PEFT" if theirs is not None else ""
         print(
-            f"  {label:16s} {timings['ours'].median:8.3f} s  {ours_gbps:6.2f} GB/s = "
+            f"  {label:24s} {timings['ours'].median:8.3f} s  {ours_gbps:6.2f} GB/s = "
             f"{row['fraction_of_ceiling']:.0%} of {ceil_gbps:.2f}{extra}  ({took:.0f} s)",
             flush=True,
         )
@@ -357,7 +412,16 @@ def product_average(sources: Sequence[Tensors], keep: dict[str, Tensors]) -> Cal
     """adb's product-space average of the sources, refactored to rank 32 (the whole workflow)."""
     from adapterdb.trainers.merge import Source, merge
 
-    inputs = [Source(f"s{i}", s, gemma_like_config()) for i, s in enumerate(sources)]
+    codes = {v: k for k, v in SAFETENSORS_DTYPES.items()}
+    inputs = [
+        Source(
+            f"s{i}",
+            s,
+            gemma_like_config(),
+            {n: (codes[t.dtype], tuple(t.shape)) for n, t in s.items()},
+        )
+        for i, s in enumerate(sources)
+    ]
     params = registry.parse_params("average", [])
 
     def run() -> None:
@@ -659,7 +723,7 @@ def checks(blocks: Mapping[str, Any], product: Any, align: Any, condu: Any) -> l
     rows: list[Check] = []
     for key, block in blocks.items():
         t = int(key.split("_T")[1])
-        for label in ("average", "ties", "emr", "unifier"):
+        for label in ("average", "(average into out=)", "ties", "emr", "unifier"):
             r = block[label]
             rows.append(
                 AtLeast(
@@ -701,8 +765,9 @@ def checks(blocks: Mapping[str, Any], product: Any, align: Any, condu: Any) -> l
         )
     )
     step = align["step"]["median"]
-    for key, label in (("check_39m", "39M"), ("check_demo", "demo LoRA")):
+    for key in ("check_39m", "check_demo"):
         c = align[key]["seconds"]["median"]
+        label = f"{align[key]['parameters'] / 1e6:.2f}M params"
         rows.append(Check(f"align check {label} / 1 demo step", c, step, None))
         rows.append(
             Check(
@@ -738,13 +803,14 @@ def method_rows(blocks: Mapping[str, Any]) -> list[list[str]]:
             if not isinstance(r, dict) or "ours" not in r:
                 continue
             vs = r.get("speedup_vs_peft")
+            moved = r["ours_gbps"] > 0  # (dare masks) touches no tensor bytes
             rows.append(
                 [
                     key,
                     label,
                     f"{fmt(r['ours']['median'])} s",
-                    f"{r['ours_gbps']:.2f}",
-                    f"{r['fraction_of_ceiling']:.0%}",
+                    f"{r['ours_gbps']:.2f}" if moved else "-",
+                    f"{r['fraction_of_ceiling']:.0%}" if moved else "-",
                     f"{r['ceiling_gbps']:.2f}",
                     "-" if vs is None else f"{fmt(r['peft']['median'])} s",
                     "-" if vs is None else f"{vs:.1f}x",
@@ -924,7 +990,12 @@ def main(argv: list[str] | None = None) -> int:
     print(f"wall time after imports: {elapsed:.0f} s ({parts})")
     doc = {
         "command": " ".join(["python", "bench/merge_bench.py", *(argv or sys.argv[1:])]),
-        "machine": {**info, "loadavg_end": load_end, "torch_threads": torch.get_num_threads()},
+        "machine": {
+            **info,
+            "loadavg_end": load_end,
+            "torch_threads": torch.get_num_threads(),
+            "peft": metadata.version("peft"),
+        },
         "quick": args.quick,
         "settings": asdict(s),
         "densities": {"ties_vs_peft": TIES_DENSITY, "dare": DARE_DENSITY},

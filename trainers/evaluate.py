@@ -10,6 +10,7 @@ records; A_t comes from the experts' own records.
 from __future__ import annotations
 
 import hashlib
+import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -158,10 +159,12 @@ def _routed(
             f"routing needs the task files of every expert; missing: {', '.join(missing)}"
         )
     protos = [F.normalize(ev.prototypes(by_name[t], config), dim=1) for t in expert_tasks]
+    started = time.perf_counter()
     experts = {
         t: {n: expert_tensor(store, u, commit.triggers[t], n) for n, u in unified.items()}
         for t in expert_tasks
     }
+    decouple_seconds = time.perf_counter() - started
     k = max(1, min(top_k, len(expert_tasks)))
     acc, hits = {}, {}
     for task in tasks:
@@ -178,7 +181,7 @@ def _routed(
         own = expert_tasks.index(task.name) if task.name in expert_tasks else None
         if own is not None:
             hits[task.name] = float((chosen == own).any(1).float().mean())
-    return acc, {"top_k": k, "routed_to_own_expert": hits}
+    return acc, {"top_k": k, "routed_to_own_expert": hits, "decouple_seconds": decouple_seconds}
 
 
 # -- records -------------------------------------------------------------------------------

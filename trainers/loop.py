@@ -39,6 +39,7 @@ class TrainResult:
     seconds: float
     align: list[dict[str, float]] = field(default_factory=list)
     align_skipped: str | None = None
+    loop_seconds: float = 0.0  # the optimisation steps alone (no loading, eval or commit)
 
 
 def global_adapter(store: Store, branch: str) -> tuple[str | None, dict[str, torch.Tensor] | None]:
@@ -111,6 +112,7 @@ def train(
     rt.loaded.train(True)
     batches = runtime.iter_forever(loader)
     misaligned: float | None = None
+    loop_started = time.perf_counter()
     for step in range(1, steps + 1):
         for _ in range(task.optim.grad_accum):
             with accel.accumulate(model), accel.autocast():
@@ -125,7 +127,8 @@ def train(
         if progress and accel.is_main_process:
             progress(step, steps, float(loss.detach()), misaligned)
     accel.wait_for_everyone()
-    result = TrainResult(None, 0.0, steps, 0.0, checks, skipped)
+    loop_seconds = time.perf_counter() - loop_started
+    result = TrainResult(None, 0.0, steps, 0.0, checks, skipped, loop_seconds)
     if accel.is_main_process:
         result.accuracy = runtime.accuracy(rt)
         result.seconds = time.perf_counter() - started
@@ -216,6 +219,7 @@ def commit_expert(
         stats={
             "steps": result.steps,
             "seconds": result.seconds,
+            "train_seconds": result.loop_seconds,
             "align_checks": result.align,
             "align_skipped": result.align_skipped,
         },

@@ -9,6 +9,7 @@ triggers) in the commit.
 from __future__ import annotations
 
 import dataclasses
+import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -314,13 +315,16 @@ def merge_into(
     """Merge SOURCES (or the newest unmerged expert) into `branch`'s global adapter, commit.
 
     `extra` adds fields to the commit's `extra` (e.g. `adb run`'s step key)."""
+    started = time.perf_counter()
     ref = f"refs/heads/{branch}"
     head = store.refs.read(ref)
     specs = list(specs) or [newest_unmerged_expert(store, branch)]
     new = [open_source(s, store) for s in specs]
     warnings = check_pam(new, force) if method == "pam" else []
     if method == "condu":
-        return _condu_into(store, branch, head, params, new, message, warnings, extra or {})
+        return _condu_into(
+            store, branch, head, params, new, message, warnings, extra or {}, started
+        )
     algo = ALIASES.get(method, method)
     if isinstance(params, registry.get("average").params) and params.running:
         params = dataclasses.replace(params, step=_merged_tasks(store, head) + 1)
@@ -342,7 +346,7 @@ def merge_into(
         params={**_params_json(params), "space": space, **({"rank": rank} if rank else {})},
         sources=tuple(s.commit_id or f"folder:{s.label}" for s in new),
         base_model=result.config.get("base_model_name_or_path"),
-        stats=_error_stats(result.errors),
+        stats={**_error_stats(result.errors), "seconds": time.perf_counter() - started},
         message=message or f"merge {', '.join(s.task or s.label for s in new)} with {method}",
         extra={**(extra or {}), "objects": _source_objects(new)},
     )
@@ -397,6 +401,7 @@ def _condu_into(
     message: str,
     warnings: list[str],
     extra: Mapping[str, Any],
+    started: float,
 ) -> MergeOutcome:
     """ConDU continual step: decouple the stored experts, add the new ones, unify, commit."""
     unified, old = stored_experts(store, head)
@@ -430,6 +435,7 @@ def _condu_into(
         sources=tuple(s.commit_id or f"folder:{s.label}" for s in new),
         base_model=new[-1].config.get("base_model_name_or_path"),
         triggers={t: Trigger(scales[i], masks[t]) for i, t in enumerate(tasks)},
+        stats={"seconds": time.perf_counter() - started},
         message=message or f"condu: unify {len(tasks)} tasks",
         extra={**extra, "tasks": tasks, "objects": _source_objects(new)},
     )

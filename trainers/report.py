@@ -73,6 +73,7 @@ def write_report(store: Store, branches: Sequence[str], out: Path) -> Path:
             marker="o",
             label=method,
         )
+    ax.set_xticks(range(1, max(len(m.R) for mats in groups.values() for _, m in mats) + 1))
     ax.set_xlabel("step (tasks learned)")
     ax.set_ylabel("avg. forgetting on seen tasks (points)")
     ax.set_title("Forgetting over time (lower is better)")
