@@ -25,6 +25,8 @@ shared: the ratio of neighbours is steadier than either figure). Torch runs at `
 (default 1: on a 2-core box shared with other jobs, 2-thread ops stall on each other).
 
     python bench/merge_bench.py [--quick] [--markdown] [--threads N]
+
+Writes bench/out/merge_bench.json (--quick: merge_bench_quick.json, 1 layer, about a minute).
 """
 
 from __future__ import annotations
@@ -473,6 +475,7 @@ def peft_svd_layer(a: Sequence[torch.Tensor], b: Sequence[torch.Tensor]) -> Call
     target_a, target_b = torch.empty_like(a[0]), torch.empty_like(b[0])
     weights = [1 / len(a)] * len(a)
 
+    @torch.no_grad()
     def run() -> Any:
         return LoraModel._svd_generalized_task_arithmetic_weighted_adapter(
             None,
@@ -701,6 +704,7 @@ def bench_condu_memory(sources: Sequence[Tensors], repeat: int, threads: int) ->
     with tempfile.TemporaryDirectory(prefix="adb-merge-bench-") as tmp:
         for i, src in enumerate(sources):
             save_file(src, str(Path(tmp) / f"task{i:02d}.safetensors"))
+        os.sync()  # no write-back competing with the children on this 2-core box
         for mode in ("streaming", "in-memory"):
             argv = [sys.executable, "-c", LAUNCHER, sys.executable, __file__]
             argv += ["--condu-child", mode, "--dir", tmp]
@@ -1007,7 +1011,7 @@ def main(argv: list[str] | None = None) -> int:
         "condu_memory": condu,
         "checks": [r.to_json() for r in rows],
     }
-    print(f"wrote {write_json('merge_bench', doc)}")
+    print(f"wrote {write_json('merge_bench_quick' if args.quick else 'merge_bench', doc)}")
     return 0 if all(r.passed is not False for r in rows) else 1
 
 

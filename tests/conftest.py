@@ -6,7 +6,7 @@ import os
 import shutil
 import subprocess
 import sys
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -15,6 +15,18 @@ import pytest
 from adapterdb.adapter import write_peft_raw
 from adapterdb.storage.store import STORE_DIR, Store
 from adapterdb.tensorfile import RawTensor
+
+
+@pytest.fixture(autouse=True)
+def one_thread() -> Iterator[None]:
+    """One torch thread per test: tiny models gain nothing from a second thread, and on a busy
+    2-core machine it costs up to 10x."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
 
 
 def adb_executable() -> str:

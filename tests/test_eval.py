@@ -5,7 +5,6 @@ the same code paths as the BERT classifier."""
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -33,14 +32,6 @@ from adapterdb.trainers import evaluate as ev
 from adapterdb.trainers import generate, loop, runtime
 from adapterdb.trainers import merge as wf
 from adapterdb.trainers.config import TaskConfig, load_task, parse_task
-
-
-@pytest.fixture(autouse=True)
-def one_thread() -> Iterator[None]:
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")

