@@ -117,7 +117,16 @@ class Store:
             n: TensorEntry(i, tensors[n].dtype, tensors[n].shape)
             for n, i in zip(names, ids, strict=True)
         }
-        manifest = Manifest(entries, dict(config or {}), dict(metadata or {}))
+        return self.put_manifest(entries, config, metadata)
+
+    def put_manifest(
+        self,
+        entries: Mapping[str, TensorEntry],
+        config: Mapping[str, Any] | None = None,
+        metadata: Mapping[str, str] | None = None,
+    ) -> str:
+        """The manifest of tensors already stored (streaming writers put them one by one)."""
+        manifest = Manifest(dict(entries), dict(config or {}), dict(metadata or {}))
         return self.objects.put_json(manifest.to_json())
 
     def commit(

@@ -23,7 +23,7 @@ from adapterdb.lora import delta_weight, lora_pairs, module_path, pair_scale
 from adapterdb.lowrank import dense_refactor, refactor
 from adapterdb.merging import registry
 from adapterdb.merging.condu import Unifier, decouple
-from adapterdb.storage.commits import Commit, Trigger, check_task_name
+from adapterdb.storage.commits import Commit, TensorEntry, Trigger, check_task_name
 from adapterdb.storage.store import Store
 from adapterdb.tensorfile import RawTensor
 
@@ -242,14 +242,11 @@ def to_raw(tensors: Iterator[tuple[str, torch.Tensor]]) -> dict[str, RawTensor]:
     return {name: from_torch(t) for name, t in tensors}
 
 
-def store_stream(store: Store, tensors: Iterator[tuple[str, torch.Tensor]]) -> dict[str, RawTensor]:
-    """Put each merged tensor as soon as it exists; keep only the (small) raw handles."""
-    out: dict[str, RawTensor] = {}
-    for name, t in tensors:
-        raw = from_torch(t)
-        store.objects.put_tensor(raw)
-        out[name] = RawTensor(raw.dtype, raw.shape, raw.data)
-    return out
+def put_merged(store: Store, name_tensor: tuple[str, torch.Tensor]) -> tuple[str, TensorEntry]:
+    """Store one merged tensor; keep only its manifest entry, so merges stream."""
+    name, tensor = name_tensor
+    raw = from_torch(tensor)
+    return name, TensorEntry(store.objects.put_tensor(raw), raw.dtype, raw.shape)
 
 
 # -- merging into a branch -----------------------------------------------------------------
@@ -335,8 +332,8 @@ def merge_into(
         warnings.append("the branch was empty: the first source becomes the global adapter as is")
     else:
         result = merge(algo, params, sources, space, rank)
-    raw = store_stream(store, result.tensors)
-    manifest = store.put_adapter(raw, result.config, {})
+    entries = dict(put_merged(store, nt) for nt in result.tensors)
+    manifest = store.put_manifest(entries, result.config)
     commit = Commit(
         manifest=manifest,
         kind="merge",
@@ -412,19 +409,17 @@ def _condu_into(
     names = list(new[0].tensors)
     unifier = Unifier(len(tasks), getattr(params, "scale", "tensor"))
     masks: dict[str, dict[str, str]] = {t: {} for t in tasks}
-    merged: dict[str, RawTensor] = {}
+    entries: dict[str, TensorEntry] = {}
     for name in names:
         deltas = [s.tensors[name] for s in new]
         if unified is not None:
             deltas = [*_decoupled(store, unified, old, name, deltas[0]), *deltas]
         tensor, m = unifier.unify_tensor(name, deltas)
-        raw = from_torch(tensor)
-        store.objects.put_tensor(raw)
-        merged[name] = raw
+        entries[name] = put_merged(store, (name, tensor))[1]
         for t, task in enumerate(tasks):
             masks[task][name] = store.objects.put_mask(m[t].numpy())
     scales = unifier.scales()
-    manifest = store.put_adapter(merged, new[-1].config, {})
+    manifest = store.put_manifest(entries, new[-1].config)
     commit = Commit(
         manifest=manifest,
         kind="merge",
