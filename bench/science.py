@@ -11,14 +11,10 @@ import sys
 from pathlib import Path
 
 from adapterdb.storage.store import Store
-from adapterdb.trainers.evaluate import EVALS, merge_steps
+from adapterdb.trainers.evaluate import EVALS, eval_chain, merge_steps
+from adapterdb.trainers.report import pm
 
 COLUMNS = ("ACC", "BWT", "FWT", "A_t", "A_m", "forgetting")
-
-
-def pm(cell: list[float | None]) -> str:
-    mean, std = cell
-    return "-" if mean is None else f"{100 * mean:.1f} ± {100 * (std or 0):.1f}"
 
 
 def condu_cost(store: Store) -> dict[str, float]:
@@ -31,11 +27,8 @@ def condu_cost(store: Store) -> dict[str, float]:
             unify += c.stats.get("seconds", 0.0)
             for src in c.sources:
                 train += store.read_commit(src).stats.get("train_seconds", 0.0)
-            rec = store.refs.read(f"{EVALS}{oid}")
-            while rec:
-                r = store.read_commit(rec)
-                decouple += r.eval.get("decouple_seconds", 0.0)
-                rec = next((p for p in r.parents if store.read_commit(p).kind == "eval"), None)
+            for record in eval_chain(store, store.refs.read(f"{EVALS}{oid}")):
+                decouple += record.eval.get("decouple_seconds", 0.0)
     return {
         "unify_s": unify,
         "decouple_s": decouple,
@@ -89,7 +82,7 @@ def main(out: Path) -> None:
     print("|" + " --- |" * (len(COLUMNS) + 2))
     for m, row in table.items():
         print(
-            f"| {m} | " + " | ".join(pm(row[c]) for c in COLUMNS) + f" | {100 * acc_std[m]:.1f} |"
+            f"| {m} | " + " | ".join(pm(*row[c]) for c in COLUMNS) + f" | {100 * acc_std[m]:.1f} |"
         )
     zs = statistics.fmean(main_run["zero_shot"].values())
     ind = statistics.fmean(main_run["independent"].values())
@@ -99,7 +92,7 @@ def main(out: Path) -> None:
     print("| p | " + " | ".join(COLUMNS) + " |")
     print("|" + " --- |" * (len(COLUMNS) + 1))
     for p in (30, 50, 70):
-        print(f"| {p} | " + " | ".join(pm(sweep[p][c]) for c in COLUMNS) + " |")
+        print(f"| {p} | " + " | ".join(pm(*sweep[p][c]) for c in COLUMNS) + " |")
     print("\nChecks:\n")
     for name, ok in checks.items():
         print(f"- {'yes' if ok else 'NO'}: {name}")

@@ -49,6 +49,7 @@ def run(
 ) -> None:
     """Train -> merge -> evaluate every task, per method and order; print the paper's table."""
     from adapterdb.trainers.config import load_sequence
+    from adapterdb.trainers.report import pm
     from adapterdb.trainers.sequence import run_sequence
 
     store = Store.find()
@@ -67,18 +68,12 @@ def run(
     for col in COLUMNS:
         table.add_column(col, justify="right")
     for method, row in result.table().items():
-        table.add_row(method, *(_pm(*row[c]) for c in COLUMNS))
+        table.add_row(method, *(pm(mean, std or None) for mean, std in (row[c] for c in COLUMNS)))
     zs = statistics.fmean(result.zero_shot.values())
     ind = statistics.fmean(result.independent.values()) if result.independent else None
-    table.add_row("zero-shot (base)", _pm(zs, None), "", "", "", "")
-    table.add_row("independent experts", _pm(ind, None), "", "", _pm(ind, None), "")
+    table.add_row("zero-shot (base)", pm(zs, None), "", "", "", "")
+    table.add_row("independent experts", pm(ind, None), "", "", pm(ind, None), "")
     console.print(table)
-
-
-def _pm(mean: float | None, std: float | None) -> str:
-    if mean is None:
-        return "-"
-    return f"{100 * mean:.1f}" + (f" ± {100 * std:.1f}" if std else "")
 
 
 def report(

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -215,16 +215,23 @@ def eval_records(store: Store, commit_id: str, routing: str | None = None) -> di
     return _chain(store, store.refs.read(f"{EVALS}{commit_id}"), routing)
 
 
+def eval_chain(store: Store, oid: str | None) -> Iterator[Commit]:
+    """A chain of eval records, newest first: each record's previous one is its parent of kind
+    eval. Every record is read once."""
+    record = store.read_commit(oid) if oid else None
+    while record is not None:
+        yield record
+        parents = (store.read_commit(p) for p in record.parents)
+        record = next((c for c in parents if c.kind == "eval"), None)
+
+
 def _chain(store: Store, oid: str | None, routing: str | None = None) -> dict[str, float]:
-    """Walk a chain of eval records newest first (each record's previous one is its parent of
-    kind eval); the newest value per task wins."""
+    """Accuracy per task along a chain of eval records; the newest value per task wins."""
     out: dict[str, float] = {}
-    while oid:
-        c = store.read_commit(oid)
-        if routing is None or c.eval.get("routing") == routing:
-            for task, value in c.eval.get("accuracy", {}).items():
+    for record in eval_chain(store, oid):
+        if routing is None or record.eval.get("routing") == routing:
+            for task, value in record.eval.get("accuracy", {}).items():
                 out.setdefault(task, value)
-        oid = next((p for p in c.parents if store.read_commit(p).kind == "eval"), None)
     return out
 
 

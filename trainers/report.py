@@ -144,8 +144,8 @@ def table_markdown(groups: dict[str, list[tuple[str, Matrix]]]) -> str:
     for method, mats in groups.items():
         cells = []
         for k in METRICS:
-            vals = [m.metrics()[k] for _, m in mats]
-            cells.append(_pm(vals))
+            mean, std = mean_std([m.metrics()[k] for _, m in mats])
+            cells.append(pm(mean, std if len(mats) > 1 else None))
         rows.append(f"| {method} | {len(mats)} | " + " | ".join(cells) + " |")
     return "\n".join(rows)
 
@@ -155,12 +155,16 @@ def _mean(values: Sequence[float | None]) -> float | None:
     return statistics.fmean(vals) if vals else None
 
 
-def _pm(values: Sequence[float | None]) -> str:
-    vals = [100 * v for v in values if v is not None]
-    if len(vals) != len(values) or not vals:
+def mean_std(values: Sequence[float | None]) -> tuple[float | None, float | None]:
+    """Mean and population std over task orders; (None, None) when any value is missing."""
+    if not values or any(v is None for v in values):
+        return None, None
+    vals = [float(v) for v in values if v is not None]
+    return statistics.fmean(vals), statistics.pstdev(vals) if len(vals) > 1 else 0.0
+
+
+def pm(mean: float | None, std: float | None) -> str:
+    """'87.1 ± 2.1' in percent; '-' when missing; no '±' part when std is None."""
+    if mean is None:
         return "-"
-    return (
-        f"{statistics.fmean(vals):.1f} ± {statistics.pstdev(vals):.1f}"
-        if len(vals) > 1
-        else f"{vals[0]:.1f}"
-    )
+    return f"{100 * mean:.1f}" + ("" if std is None else f" ± {100 * std:.1f}")

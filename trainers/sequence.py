@@ -12,7 +12,6 @@ from __future__ import annotations
 import hashlib
 import json
 import random
-import statistics
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -24,6 +23,7 @@ from adapterdb.trainers import evaluate as ev
 from adapterdb.trainers.config import SequenceConfig, TaskConfig
 from adapterdb.trainers.loop import train
 from adapterdb.trainers.merge import ALIASES, EXPERTS, merge_into
+from adapterdb.trainers.report import mean_std
 from adapterdb.trainers.runtime import RuntimeCache
 
 METHODS = ("finetune", "average", "pam", "ties", "magmax", "tall", "condu")
@@ -45,7 +45,7 @@ class RunResult:
         for method, mats in self.matrices.items():
             rows = [m.metrics() for m in mats]
             out[method] = {
-                k: _mean_std([r[k] for r in rows])
+                k: mean_std([r[k] for r in rows])
                 for k in ("ACC", "BWT", "FWT", "A_t", "A_m", "forgetting")
             }
         return out
@@ -58,13 +58,6 @@ class RunResult:
             "table": self.table(),
             "matrices": {m: [x.to_json() for x in mats] for m, mats in self.matrices.items()},
         }
-
-
-def _mean_std(values: Sequence[float | None]) -> tuple[float | None, float | None]:
-    vals = [v for v in values if v is not None]
-    if not vals or len(vals) != len(values):
-        return None, None
-    return statistics.fmean(vals), statistics.pstdev(vals) if len(vals) > 1 else 0.0
 
 
 def task_orders(tasks: Sequence[TaskConfig], count: int, seed: int) -> list[list[TaskConfig]]:
