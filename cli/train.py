@@ -75,8 +75,9 @@ def train(
         )
     )
     console.print(
-        f"[experts/{branch}/{task.name} {short(result.commit_id)}] {result.steps} steps in "
-        f"{result.seconds:.1f}s, A_t = {result.accuracy:.4f}, alignment: {align}",
+        f"[experts/{branch}/{task.name} {short(result.commit_id)}] {result.steps} steps on "
+        f"{result.device} in {result.seconds:.1f}s, A_t = {result.accuracy:.4f}, "
+        f"alignment: {align}",
         markup=False,
     )
 

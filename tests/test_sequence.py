@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import json
-import os
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
+from conftest import ADB, adb_env
 from fakedata import learnable_fashion
 
 from adapterdb.metrics import cl_metrics
@@ -54,9 +53,8 @@ METHODS = "finetune,pam,condu"
 
 
 def adb(*args: str, cwd: Path, check: bool = True, **kw) -> subprocess.CompletedProcess:
-    exe = Path(sys.executable).with_name("adb")
-    env = {**os.environ, "ADB_STORE": str(cwd)}
-    out = subprocess.run([str(exe), *args], cwd=cwd, env=env, capture_output=True, text=True, **kw)
+    env = adb_env({"ADB_STORE": str(cwd)})
+    out = subprocess.run([ADB, *args], cwd=cwd, env=env, capture_output=True, text=True, **kw)
     if check:
         assert out.returncode == 0, out.stderr
     return out
@@ -129,12 +127,11 @@ def test_rerun_resumes_without_new_work(first_run):
 def test_killed_run_resumes_to_the_same_result(workdir, first_run):
     _, doc = first_run
     d = fresh_store(workdir, "killed")
-    exe = Path(sys.executable).with_name("adb")
-    args = [str(exe), "run", "seq.yaml", "--methods", METHODS, "--orders", "2", "--json"]
+    args = [ADB, "run", "seq.yaml", "--methods", METHODS, "--orders", "2", "--json"]
     proc = subprocess.Popen(
         args,
         cwd=d,
-        env={**os.environ, "ADB_STORE": str(d)},
+        env=adb_env({"ADB_STORE": str(d)}),
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )

@@ -22,7 +22,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import adb_env, run_adb, snapshot
+from conftest import ADB, adb_env, run_adb, snapshot
 from tiny_models import TOPICS, adb_in_process, save_bert, topic_task, write_topic_data, write_yaml
 
 from adapterdb.adapter import to_torch
@@ -161,7 +161,7 @@ def jobs(ws: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Jobs]:
     multi = subprocess.Popen(launch, cwd=multi_repo, env=adb_env(multi_env), **pipes)
     long_before = snapshot(long_repo / STORE_DIR)
     long = subprocess.Popen(
-        [str(bin_dir / "adb"), "train", "long.yaml"],
+        [ADB, "train", "long.yaml"],
         cwd=long_repo,
         env=adb_env({"ADB_TEST_MARK": str(mark)}),
         **pipes,
@@ -349,4 +349,17 @@ def test_bad_task_file_is_one_line_naming_the_field(
     before = snapshot(tmp_path / STORE_DIR)
     rc, _, err = run_adb(["train", "bad.yaml"], tmp_path)
     assert f"bad.yaml: {field} = " in one_error_line(rc, err)
+    assert snapshot(tmp_path / STORE_DIR) == before
+
+
+def test_diverged_training_stops_before_the_store(ws: Path, tmp_path: Path) -> None:
+    """A NaN loss (here: an absurd learning rate) ends `adb train` with one line naming the
+    step and the fix, and no expert is committed."""
+    Store.init(tmp_path)
+    doc = topic_task("boom", str(ws / "bert"), str(ws / "data" / "t1"), steps=5, lr=1e30)
+    write_yaml(tmp_path / "boom.yaml", doc)
+    before = snapshot(tmp_path / STORE_DIR)
+    rc, _, err = run_adb(["train", "boom.yaml"], tmp_path)
+    line = one_error_line(rc, err)
+    assert "task boom: training diverged at step" in line and "optim.lr" in line
     assert snapshot(tmp_path / STORE_DIR) == before

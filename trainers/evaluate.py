@@ -70,7 +70,7 @@ class Evaluator:
             raise AdbError(
                 f"task {task.name} has no class head; routing needs a classification task"
             )
-        return head.prototypes
+        return head.prototypes.cpu()
 
 
 def _zero_b(rt: runtime.Runtime) -> dict[str, torch.Tensor]:

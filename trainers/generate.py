@@ -4,13 +4,12 @@ from __future__ import annotations
 
 import re
 import string
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 from torch.utils.data import Dataset
 
-if TYPE_CHECKING:
-    from adapterdb.trainers.runtime import Runtime
+from adapterdb.trainers.runtime import Runtime, on_device
 
 MAX_NEW_TOKENS = 16
 BATCH = 16
@@ -46,7 +45,7 @@ def prompts(rt: Runtime, items: list[dict[str, Any]]) -> dict[str, torch.Tensor]
 def answers(rt: Runtime, items: list[dict[str, Any]]) -> list[str]:
     pre = rt.loaded.preprocessor
     tokenizer = getattr(pre, "tokenizer", pre)
-    inputs = prompts(rt, items)
+    inputs = on_device(prompts(rt, items), rt.loaded.device)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     out = rt.peft.generate(
         **inputs, max_new_tokens=MAX_NEW_TOKENS, do_sample=False, pad_token_id=pad

@@ -9,6 +9,7 @@ is computed once per task; each check is one fused pass. The expert is committed
 
 from __future__ import annotations
 
+import math
 import os
 import time
 from collections.abc import Callable
@@ -40,6 +41,7 @@ class TrainResult:
     align: list[dict[str, float]] = field(default_factory=list)
     align_skipped: str | None = None
     loop_seconds: float = 0.0  # the optimisation steps alone (no loading, eval or commit)
+    device: str = "cpu"  # where it trained: accelerate's device, precision and process count
 
 
 def global_adapter(store: Store, branch: str) -> tuple[str | None, dict[str, torch.Tensor] | None]:
@@ -124,17 +126,46 @@ def train(
             report = align_adapter_(live, glob, thresholds, task.align.reinit)  # type: ignore[arg-type]
             misaligned = report.reset_fraction
             checks.append(_check_row(step, report))
+        value = float(loss.detach())
+        if not math.isfinite(value):
+            raise diverged(task, step)
         if progress and accel.is_main_process:
-            progress(step, steps, float(loss.detach()), misaligned)
-    accel.wait_for_everyone()
+            progress(step, steps, value, misaligned)
+    barrier(accel.device)
+    if not all(bool(torch.isfinite(p).all()) for p in live.values()):
+        raise diverged(task, steps)
     loop_seconds = time.perf_counter() - loop_started
-    result = TrainResult(None, 0.0, steps, 0.0, checks, skipped, loop_seconds)
+    where = f"{accel.device} {task.optim.precision} x{accel.num_processes}"
+    result = TrainResult(None, 0.0, steps, 0.0, checks, skipped, loop_seconds, where)
     if accel.is_main_process:
         result.accuracy = runtime.accuracy(rt)
         result.seconds = time.perf_counter() - started
         result.commit_id = commit_expert(store, branch, head, task, rt, result)
-    accel.wait_for_everyone()
+    barrier(accel.device)
     return result
+
+
+def diverged(task: TaskConfig, step: int) -> AdbError:
+    """A NaN/inf loss or weight stops training before the expert reaches the store: merged
+    into the global adapter it would poison every later task."""
+    return AdbError(
+        f"task {task.name}: training diverged at step {step} (loss or weights not finite); "
+        f"lower optim.lr (now {task.optim.lr:g}) or use optim.precision: fp32"
+    )
+
+
+def barrier(device: torch.device) -> None:
+    """Every process waits here. Not `accel.wait_for_everyone()`: it names the local rank as a
+    CUDA device even for a CPU (gloo) group, which fails on a machine with fewer GPUs than
+    processes (ACCELERATE_USE_CPU=1 on a one-GPU box)."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()):
+        return
+    if device.type == "cuda":
+        dist.barrier(device_ids=[device.index or 0])
+    else:
+        dist.barrier()
 
 
 def check_process_group(processes: int) -> None:
@@ -222,6 +253,7 @@ def commit_expert(
             "train_seconds": result.loop_seconds,
             "align_checks": result.align,
             "align_skipped": result.align_skipped,
+            "device": result.device,
         },
         message=f"train {task.name}",
         extra={"objects": objects, "branch": branch},

@@ -79,6 +79,18 @@ class LoadedModel:
             raise AdbError(f"{self.kind} model is not generative; use a classification task")
         return self.lm_loss_fn(batch)
 
+    @property
+    def device(self) -> torch.device:
+        first = next(iter(self.module.parameters()), None)
+        return first.device if first is not None else torch.device("cpu")
+
+    def to(self, device: torch.device) -> LoadedModel:
+        """Move the model and its head; batches follow through `runtime.on_device`."""
+        self.module.to(device)
+        if self.head is not None:
+            self.head.to(device)
+        return self
+
     def train(self, mode: bool = True) -> None:
         """Train mode with BatchNorm kept in eval: the base is frozen, and running statistics
         drifting during LoRA training would change the base model outside the adapter."""

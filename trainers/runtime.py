@@ -40,22 +40,40 @@ def batches(rt: Runtime, dataset: Dataset, batch_size: int = EVAL_BATCH, **kw: A
     return DataLoader(dataset, batch_size=batch_size, collate_fn=rt.loaded.collate, **kw)
 
 
+def default_device() -> torch.device:
+    """accelerate's device for this process: its GPU (the local rank's under a multi-GPU
+    launch), a TPU core, or the CPU when there is none or ACCELERATE_USE_CPU is set."""
+    from accelerate import PartialState
+
+    return PartialState().device
+
+
+def on_device(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
+    """The batch with its tensors on `device` (strings and lists stay as they are)."""
+    return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+
+
 def base_features(loaded: LoadedModel, dataset: Dataset) -> tuple[torch.Tensor, torch.Tensor]:
-    """(features, labels) of the frozen base model over a whole split (prototypes, routing)."""
+    """(features, labels) of the frozen base model over a whole split (prototypes, routing),
+    on the CPU: they are small, and results from several runtimes meet there."""
     loaded.module.eval()
     feats, labels = [], []
     loader = DataLoader(dataset, batch_size=EVAL_BATCH, collate_fn=loaded.collate)
     with torch.no_grad():
         for batch in loader:
-            feats.append(loaded.forward_features(batch).float())
+            feats.append(loaded.forward_features(on_device(batch, loaded.device)).float().cpu())
             labels.append(batch["labels"])
     return torch.cat(feats), torch.cat(labels)
 
 
 def build(
-    task: TaskConfig, lora: Mapping[str, Any] | None = None, prototypes: torch.Tensor | None = None
+    task: TaskConfig,
+    lora: Mapping[str, Any] | None = None,
+    prototypes: torch.Tensor | None = None,
+    device: torch.device | None = None,
 ) -> Runtime:
-    """Load the task's model and data, attach the frozen head, wrap with LoRA.
+    """Load the task's model and data onto `device` (default: accelerate's), attach the frozen
+    head, wrap with LoRA (PEFT puts the LoRA weights beside the layers they adapt).
 
     `lora` is a stored PEFT config (evaluating a commit); None builds one from the task file.
     `prototypes` skips recomputing the head (they are stored with expert commits).
@@ -63,6 +81,7 @@ def build(
     from peft import LoraConfig, get_peft_model
 
     loaded = load_model(task.model, task.data.image_size or 64)
+    loaded.to(device or default_device())
     data = load_task_data(task.data, task.optim.seed)
     if loaded.kind not in GENERATIVE and loaded.head is None:
         if data.num_classes is None:
@@ -72,7 +91,7 @@ def build(
         if prototypes is None:
             feats, labels = base_features(loaded, data.train)
             prototypes = class_prototypes(feats, labels, data.num_classes)
-        loaded.head = PrototypeHead(prototypes)
+        loaded.head = PrototypeHead(prototypes).to(loaded.device)
     for p in loaded.module.parameters():
         p.requires_grad_(False)
     config = LoraConfig(**_lora_kwargs(task, loaded, lora))
@@ -189,7 +208,7 @@ def logits_over(rt: Runtime, dataset: Dataset) -> tuple[torch.Tensor, torch.Tens
     out, labels = [], []
     with torch.no_grad():
         for batch in batches(rt, dataset):
-            out.append(rt.loaded.logits(batch).float())
+            out.append(rt.loaded.logits(on_device(batch, rt.loaded.device)).float().cpu())
             labels.append(batch["labels"])
     return torch.cat(out), torch.cat(labels)
 
