@@ -130,10 +130,17 @@ def to_torch(raw: RawTensor) -> torch.Tensor:
     """A torch tensor over (a copy of) the raw bytes."""
     import torch
 
-    dtype = getattr(torch, _TORCH_DTYPES[raw.dtype])
+    dtype = torch_dtype(raw.dtype)
     if raw.numel == 0:
         return torch.empty(raw.shape, dtype=dtype)
     return torch.frombuffer(bytearray(raw.data), dtype=dtype).reshape(raw.shape)
+
+
+def torch_dtype(code: str) -> torch.dtype:
+    """The torch dtype of a safetensors dtype code ("F32", "BF16", ...)."""
+    import torch
+
+    return getattr(torch, _TORCH_DTYPES[code])
 
 
 def from_torch(t: torch.Tensor) -> RawTensor:

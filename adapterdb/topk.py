@@ -8,9 +8,12 @@ IEEE floats of one format order exactly like their bits read as integers.
 - float32 (and anything else, converted to float32): pass 1 histograms the high 16 bits of
   every |x| (tensor by tensor, accumulated) and finds the bucket holding the k-th largest;
   pass 2 histograms the low 16 bits of only the elements in that bucket, which pins the exact
-  bit pattern. The 16-bit halves are zero-copy int16 views, so each pass is ~2 cheap ops.
+  bit pattern (a bucket of at most 2^16 elements, the usual case, is searched directly).
+  The 16-bit halves are zero-copy int16 views, so each pass is ~2 cheap ops.
 - bf16 / fp16 (all tensors of the same dtype): the 15 magnitude bits are the whole key, so a
   single histogram pass is already exact.
+- One CPU tensor (TIES' per-tensor trim, per-tensor alignment) needs no streaming: NumPy's
+  vectorised partition of its float32 bit patterns selects it faster than the radix passes.
 
 The result is a value that occurs among the |x| (exact in float32; for float64 inputs it is
 the float32 rounding, since they are selected in float32). NaN sorts above +inf; callers are
@@ -24,6 +27,7 @@ import sys
 from collections.abc import Callable, Iterable
 from fractions import Fraction
 
+import numpy as np
 import torch
 
 Tensors = torch.Tensor | Iterable[torch.Tensor] | Callable[[], Iterable[torch.Tensor]]
@@ -32,6 +36,7 @@ _BUCKETS_HI = 1 << 15  # magnitude values of a 16-bit word with the sign bit cle
 _BUCKETS_LO = 1 << 16
 _HIGH_HALF = 1 if sys.byteorder == "little" else 0  # which int16 of a float32 holds the exponent
 _NARROW = (torch.bfloat16, torch.float16)
+_FEW = 1 << 16  # up to this many elements in the k-th's bucket, pass 2 selects among them
 
 
 def magnitude_threshold(tensors: Tensors, fraction: float | Fraction) -> float:
@@ -53,15 +58,34 @@ def magnitude_threshold(tensors: Tensors, fraction: float | Fraction) -> float:
     k = _count(fraction, n)
     if k == 0:
         return math.inf
+    if isinstance(tensors, torch.Tensor):
+        return kth_largest_abs(tensors, k)
     narrow = dtypes.pop() if len(dtypes) == 1 and dtypes <= set(_NARROW) else None
-    return _radix_select(source, k, narrow)
+    return _radix_select(lambda: (_halves(t, narrow) for t in source()), k, narrow)
 
 
 def kth_largest_abs(t: torch.Tensor, k: int) -> float:
     """The k-th largest |x| of one tensor (1 <= k <= t.numel()), exact."""
     if not 1 <= k <= t.numel():
         raise ValueError(f"k={k} out of range for a tensor of {t.numel()} elements")
-    return _radix_select(lambda: (t,), k, t.dtype if t.dtype in _NARROW else None)
+    if t.device.type == "cpu":
+        return _partition_select(t, k)
+    narrow = t.dtype if t.dtype in _NARROW else None
+    halves = [_halves(t, narrow)]
+    return _radix_select(lambda: halves, k, narrow)
+
+
+def _partition_select(t: torch.Tensor, k: int) -> float:
+    """One CPU tensor, selected in float32: numpy's introselect on the magnitude bits read as
+    int32 (they order like the floats), in place on the one copy that clears the sign bits.
+    NumPy vectorises 32-bit partitions (~1 ns an element here, 3-4x the two radix passes of
+    bincount + compaction). It does not vectorise 16-bit ones, so bf16/fp16 are widened first
+    (exactly): that still beats their single radix pass."""
+    flat = t.detach().reshape(-1).to(torch.float32)
+    bits = flat.view(torch.int32).numpy() & np.int32(0x7FFFFFFF)
+    m = bits.size - k
+    bits.partition(m)
+    return float(torch.tensor(int(bits[m]), dtype=torch.int32).view(torch.float32))
 
 
 def per_source_thresholds(stacked: torch.Tensor, fraction: float | Fraction) -> torch.Tensor:
@@ -93,25 +117,32 @@ def _count(fraction: float | Fraction, n: int) -> int:
 
 
 def _radix_select(
-    source: Callable[[], Iterable[torch.Tensor]], k: int, narrow: torch.dtype | None
+    halves: Callable[[], Iterable[tuple[torch.Tensor, torch.Tensor]]],
+    k: int,
+    narrow: torch.dtype | None,
 ) -> float:
-    """The k-th largest |x| over `source()`, 1 <= k <= n; one pass if `narrow`, else two."""
-    hist = _histogram((_halves(t, narrow)[0] for t in source()), _BUCKETS_HI)
+    """The k-th largest |x|, 1 <= k <= n, over the elements `halves()` yields as `_halves`
+    pairs (a fresh iterator per pass); one pass if `narrow`, else two."""
+    hist = _histogram((key for key, _ in halves()), _BUCKETS_HI)
     high, k = _locate(hist, k)
     if narrow is not None:
         return float(torch.tensor(high, dtype=torch.int16).view(narrow))
-    lows = (low[key == high].to(torch.int32) & 0xFFFF for key, low in map(_halves, source()))
-    low, _ = _locate(_histogram(lows, _BUCKETS_LO), k)
+    lows = (low[key == high].to(torch.int32) & 0xFFFF for key, low in halves())
+    count = int(hist[high])
+    if count <= _FEW:  # select among the bucket's own elements: no 2^16-bin histogram
+        low = int(torch.cat(list(lows)).kthvalue(count - k + 1).values)
+    else:
+        low, _ = _locate(_histogram(lows, _BUCKETS_LO), k)
     return float(torch.tensor((high << 16) | low, dtype=torch.int32).view(torch.float32))
 
 
 def _histogram(keys: Iterable[torch.Tensor], bins: int) -> torch.Tensor:
     """Summed bincounts, accumulated on the tensors' device; one host copy at the end."""
-    total = torch.zeros(bins, dtype=torch.int64)
+    total: torch.Tensor | None = None
     for key in keys:
         counts = torch.bincount(key, minlength=bins)
-        total = total.to(counts.device) + counts
-    return total.cpu()
+        total = counts if total is None else total + counts
+    return total.cpu() if total is not None else torch.zeros(bins, dtype=torch.int64)
 
 
 def _halves(
@@ -129,7 +160,11 @@ def _halves(
 
 
 def _locate(hist: torch.Tensor, k: int) -> tuple[int, int]:
-    """The bucket holding the k-th largest element, and k's rank among that bucket's elements."""
-    from_top = hist.flip(0).cumsum(0)  # from_top[j] = count in the top j+1 buckets
-    j = int(torch.searchsorted(from_top, torch.tensor([k])))
-    return hist.numel() - 1 - j, k - int(from_top[j] - hist.flip(0)[j])
+    """The bucket holding the k-th largest element, and k's rank among that bucket's elements.
+
+    The k-th largest is the (n−k)-th smallest (from 0): the first bucket whose inclusive
+    running count exceeds n−k. One cumsum, no flips: this runs once per tensor per pass."""
+    at_most = hist.cumsum(0)  # at_most[b] = count in buckets 0..b
+    n = int(at_most[-1])
+    bucket = int(torch.searchsorted(at_most, torch.tensor([n - k]), right=True))
+    return bucket, k - (n - int(at_most[bucket]))

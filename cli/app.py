@@ -12,6 +12,7 @@ import sys
 import typer
 
 from adapterdb.errors import AdbError
+from adapterdb.memory import keep_freed_memory
 
 app = typer.Typer(
     name="adb",
@@ -69,6 +70,7 @@ def quiet_libraries() -> None:
 
 def main() -> None:
     quiet_libraries()
+    keep_freed_memory()
     _register()
     try:
         app()

@@ -12,7 +12,7 @@ from adapterdb.errors import AdbError, MismatchError
 from adapterdb.merging import get, merge_adapters, methods, parse_params, register, registry
 from adapterdb.merging.basic import AverageParams
 from adapterdb.merging.condu import EmrParams
-from adapterdb.merging.registry import Context, Params
+from adapterdb.merging.registry import Context, Layout, Params
 from adapterdb.merging.ties import TiesParams
 
 ALL = [
@@ -120,6 +120,22 @@ def test_results_land_in_given_buffers(method: str, dtype: torch.dtype) -> None:
         assert tensor is buffers[name] and torch.equal(tensor, fresh[name]), name
 
 
+@pytest.mark.parametrize("method", ALL)
+def test_reuse_puts_results_of_one_shape_in_one_buffer(method: str) -> None:
+    """Each result, read before the next is drawn, equals the fresh one; results of the same
+    shape and dtype share one buffer, other shapes get their own."""
+    gen = torch.Generator().manual_seed(7)
+    shapes = {"a": (4, 6), "b": (4, 6), "c": (5, 4), "d": (4, 6)}
+    srcs = [{n: torch.randn(*s, generator=gen) for n, s in shapes.items()} for _ in range(3)]
+    p = TiesParams(trim="tensor") if method == "ties" else get(method).params()
+    fresh = dict(merge_adapters(method, srcs, p))
+    storage = {}
+    for name, tensor in merge_adapters(method, srcs, p, reuse=True):
+        assert torch.equal(tensor, fresh[name]), name
+        storage[name] = tensor.data_ptr()
+    assert storage["a"] == storage["b"] == storage["d"] != storage["c"]
+
+
 def test_a_bad_buffer_is_refused_before_any_output() -> None:
     srcs = adapters(2)
     with pytest.raises(MismatchError, match=r"output buffer for tensor 'x.lora_A.weight' is"):
@@ -175,3 +191,33 @@ def test_a_new_method_is_one_registered_function() -> None:
             register("first_scaled", params=ScaledParams)(first_scaled)
     finally:
         registry._METHODS.pop("first_scaled")
+
+
+class CountingSource(dict):
+    """A source that tells layouts from metadata and counts the tensors it decodes."""
+
+    def __init__(self, tensors: dict[str, torch.Tensor], layouts: dict[str, Layout]) -> None:
+        super().__init__(tensors)
+        self.layouts, self.loads = layouts, 0
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        self.loads += 1
+        return super().__getitem__(name)
+
+    def layout(self, name: str) -> Layout:
+        return self.layouts[name]
+
+
+def test_lazy_sources_are_checked_from_layouts_and_decoded_once() -> None:
+    plain = adapters(3)
+    meta = {n: Layout(t.dtype, t.shape) for n, t in plain[0].items()}
+    srcs = [CountingSource(s, meta) for s in plain]
+    merged = merge_adapters("average", srcs)
+    assert [s.loads for s in srcs] == [0, 0, 0]  # validated without decoding anything
+    list(merged)
+    assert [s.loads for s in srcs] == [len(meta)] * 3
+    wrong = {**meta, "x.lora_B.weight": Layout(torch.float32, torch.Size([5, 3]))}
+    bad = [*srcs[:2], CountingSource(plain[2], wrong)]
+    with pytest.raises(MismatchError, match=r"'x.lora_B.weight' of source 2 is"):
+        merge_adapters("average", bad)
+    assert bad[2].loads == 0

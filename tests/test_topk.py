@@ -118,3 +118,15 @@ def test_per_source_thresholds_row_by_row(data: st.DataObject) -> None:
     k = ref_k(fraction, stacked[0].numel())
     for row, tau in zip(stacked, got, strict=True):
         assert float(tau) == (math.inf if k == 0 else ref_kth([row], k))
+
+
+@pytest.mark.parametrize("k", [1, 5_000, 70_000, 150_000])
+def test_a_crowded_bucket_is_resolved_by_its_own_histogram(k: int) -> None:
+    """150k magnitudes sharing their high 16 bits (more than pass 2 searches directly), split
+    over two tensors: pass 2 falls back to the 2^16-bin histogram of the low bits."""
+    gen = torch.Generator().manual_seed(3)
+    bits = torch.randint(0, 1 << 16, (150_000,), generator=gen, dtype=torch.int32) | 0x3F800000
+    x = bits.view(torch.float32) * torch.where(torch.rand(150_000, generator=gen) < 0.5, -1, 1)
+    parts = [x[:60_000], x[60_000:]]
+    assert magnitude_threshold(parts, Fraction(k, 150_000)) == ref_kth(parts, k)
+    assert kth_largest_abs(x, k) == ref_kth([x], k)

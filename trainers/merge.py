@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 
-from adapterdb.adapter import from_torch, lora_scale, read_peft_raw, to_torch
+from adapterdb.adapter import from_torch, lora_scale, read_peft_raw, to_torch, torch_dtype
 from adapterdb.errors import AdbError, MismatchError
 from adapterdb.lora import delta_weight, lora_pairs, module_path, pair_scale
 from adapterdb.lowrank import dense_refactor, refactor
@@ -33,10 +33,18 @@ ALIASES = {"pam": "average", "condu": "emr"}  # workflow names -> registry metho
 
 
 class LazyTensors(Mapping[str, torch.Tensor]):
-    """A read-only mapping that decodes a tensor only when asked (streams big adapters)."""
+    """A read-only mapping that decodes a tensor only when asked (streams big adapters).
 
-    def __init__(self, names: Sequence[str], load: Callable[[str], torch.Tensor]) -> None:
-        self._names, self._load = list(names), load
+    `layout`, where given, tells a tensor's dtype and shape from metadata, so that merges
+    validate their sources without decoding every tensor an extra time."""
+
+    def __init__(
+        self,
+        names: Sequence[str],
+        load: Callable[[str], torch.Tensor],
+        layout: Callable[[str], registry.Shaped] | None = None,
+    ) -> None:
+        self._names, self._load, self._layout = list(names), load, layout
 
     def __getitem__(self, name: str) -> torch.Tensor:
         if name not in self._names:
@@ -48,6 +56,16 @@ class LazyTensors(Mapping[str, torch.Tensor]):
 
     def __len__(self) -> int:
         return len(self._names)
+
+    def layout(self, name: str) -> registry.Shaped:
+        return self._layout(name) if self._layout is not None else self[name]
+
+
+def stored_layout(
+    layout: Mapping[str, tuple[str, tuple[int, ...]]],
+) -> Callable[[str], registry.Layout]:
+    """`LazyTensors.layout` from a manifest's or safetensors header's (dtype code, shape)."""
+    return lambda name: registry.Layout(torch_dtype(layout[name][0]), torch.Size(layout[name][1]))
 
 
 @dataclass
@@ -72,7 +90,8 @@ def open_source(spec: str, store: Store | None) -> Source:
     if Path(spec).is_dir():
         config, raw, _ = read_peft_raw(spec)
         layout = {n: (r.dtype, r.shape) for n, r in raw.items()}
-        return Source(spec, LazyTensors(sorted(raw), lambda n: to_torch(raw[n])), config, layout)
+        tensors = LazyTensors(sorted(raw), lambda n: to_torch(raw[n]), stored_layout(layout))
+        return Source(spec, tensors, config, layout)
     if store is None:
         raise AdbError(f"'{spec}' is not a folder, and there is no store to resolve it in")
     oid = store.resolve(spec)
@@ -83,7 +102,7 @@ def open_source(spec: str, store: Store | None) -> Source:
         return to_torch(store.objects.get_tensor(manifest.tensors[name].id))
 
     layout = {n: (e.dtype, e.shape) for n, e in manifest.tensors.items()}
-    tensors = LazyTensors(sorted(manifest.tensors), load)
+    tensors = LazyTensors(sorted(manifest.tensors), load, stored_layout(layout))
     return Source(spec, tensors, manifest.config, layout, oid, commit, commit.manifest)
 
 
@@ -127,14 +146,21 @@ class MergeResult:
 
 
 def merge(
-    method: str, params: registry.Params, sources: Sequence[Source], space: str, rank: int | None
+    method: str,
+    params: registry.Params,
+    sources: Sequence[Source],
+    space: str,
+    rank: int | None,
+    reuse: bool = False,
 ) -> MergeResult:
-    """Merge `sources` with a registered method in factor or product space (lazy output)."""
+    """Merge `sources` with a registered method in factor or product space (lazy output;
+    `reuse`: see `registry.merge_adapters`)."""
     check_layout(sources, space)
     if space == "factors":
         tensors = [s.tensors for s in sources]
         return MergeResult(
-            registry.merge_adapters(method, tensors, params), dict(sources[-1].config)
+            registry.merge_adapters(method, tensors, params, reuse=reuse),
+            dict(sources[-1].config),
         )
     if space == "product":
         return product_merge(method, params, sources, rank)
@@ -216,7 +242,7 @@ def product_merge(
 def _subset(
     tensors: Mapping[str, torch.Tensor], names: Sequence[str]
 ) -> Mapping[str, torch.Tensor]:
-    return LazyTensors(names, tensors.__getitem__)
+    return LazyTensors(names, tensors.__getitem__, lambda n: registry.layout_of(tensors, n))
 
 
 def _term(source: Source, pair: Any, weight: float) -> tuple[torch.Tensor, torch.Tensor, float]:
@@ -331,8 +357,8 @@ def merge_into(
         result = MergeResult(iter(sources[0].tensors.items()), dict(sources[0].config))
         warnings.append("the branch was empty: the first source becomes the global adapter as is")
     else:
-        result = merge(algo, params, sources, space, rank)
-    entries = dict(put_merged(store, nt) for nt in result.tensors)
+        result = merge(algo, params, sources, space, rank, reuse=True)
+    entries = dict(put_merged(store, nt) for nt in result.tensors)  # each stored, then reused
     manifest = store.put_manifest(entries, result.config)
     commit = Commit(
         manifest=manifest,

@@ -48,25 +48,34 @@ def map_chunks(
     return res
 
 
-def source_weights(weights: Sequence[float] | None, sources: int, name: str = "") -> torch.Tensor:
-    """Per-source weights as float32 (T,); equal (1.0) when not given."""
+def weight_list(weights: Sequence[float] | None, sources: int, name: str = "") -> list[float]:
+    """Per-source weights as Python floats; equal (1.0) when not given. Plain floats: the
+    linear methods run once per tensor, where tiny torch ops would cost more than the merge."""
     if weights is None:
-        return torch.ones(sources)
+        return [1.0] * sources
     if len(weights) != sources:
         raise MismatchError(
             f"weights has {len(weights)} values but tensor {name!r} has {sources} sources; "
             "pass one weight per source"
         )
-    return torch.tensor(weights, dtype=torch.float32)
+    return [float(w) for w in weights]
+
+
+def source_weights(weights: Sequence[float] | None, sources: int, name: str = "") -> torch.Tensor:
+    """`weight_list` as a float32 (T,) tensor, for methods that contract chunks with it."""
+    return torch.tensor(weight_list(weights, sources, name), dtype=torch.float32)
 
 
 def weighted_sum(
-    tensors: Sequence[torch.Tensor], weights: torch.Tensor, out: torch.Tensor | None = None
+    tensors: Sequence[torch.Tensor],
+    weights: Sequence[float] | torch.Tensor,
+    out: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Σ_t w_t·x_t computed in float32, returned in the sources' dtype (into `out` if given).
 
-    Two sources with w_0 + w_1 = 1 (every 2-way average, PAM's merge) are a single lerp: one
-    read of each input and one write, the memory-bandwidth floor. Otherwise a float32
+    Two sources with w_0 + w_1 = 1 (every 2-way average, PAM's merge) are a single lerp, and
+    with w_0 = 1 (task arithmetic's default) a single add: one read of each input and one
+    write, the memory-bandwidth floor, with the same float32 arithmetic. Otherwise a float32
     accumulator span small enough for L2 takes one in-place multiply-add per source (no
     stacking copies). Pass a preallocated `out` to avoid paying for fresh pages on every
     call. Sources must agree (`check_tensors`).
@@ -74,6 +83,8 @@ def weighted_sum(
     w = [float(v) for v in weights]
     if len(tensors) == 2 and abs(w[0] + w[1] - 1.0) < 1e-6:
         return torch.lerp(tensors[0], tensors[1], w[1], out=out)
+    if len(tensors) == 2 and w[0] == 1.0:
+        return torch.add(tensors[0], tensors[1], alpha=w[1], out=out)
     res = out if out is not None else torch.empty(tensors[0].shape, dtype=tensors[0].dtype)
     dst, flats = res.view(-1), [t.reshape(-1) for t in tensors]
     n, step = dst.numel(), SPAN
@@ -118,14 +129,11 @@ def average(
             f"running average of tensor {ctx.name!r} needs 2 sources (old merged, new), "
             f"got {len(tensors)}"
         )
-    w = (
-        torch.tensor([p.step - 1.0, 1.0])
-        if p.running
-        else source_weights(p.weights, len(tensors), ctx.name)
-    )
-    if float(w.sum()) <= 0:
-        raise AdbError(f"weights={w.tolist()} sum to 0; give at least one source a weight > 0")
-    return weighted_sum(tensors, w / w.sum(), ctx.out)
+    w = [p.step - 1.0, 1.0] if p.running else weight_list(p.weights, len(tensors), ctx.name)
+    total = sum(w)
+    if total <= 0:
+        raise AdbError(f"weights={w} sum to 0; give at least one source a weight > 0")
+    return weighted_sum(tensors, [v / total for v in w], ctx.out)
 
 
 @dataclass(frozen=True)
@@ -158,5 +166,5 @@ def task_arithmetic(
 ) -> torch.Tensor:
     """λ·Σ_t w_t τ_t (Ilharco et al. 2023; PEFT's `task_arithmetic` with λ = 1)."""
     check_tensors(tensors, ctx.name)
-    weights = p.lam * source_weights(p.weights, len(tensors), ctx.name)
+    weights = [p.lam * w for w in weight_list(p.weights, len(tensors), ctx.name)]
     return weighted_sum(tensors, weights, ctx.out)

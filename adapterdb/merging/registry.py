@@ -19,7 +19,7 @@ import dataclasses
 import typing
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Generic, TypeVar
+from typing import Any, Generic, NamedTuple, TypeVar
 
 import torch
 
@@ -166,7 +166,24 @@ def _convert(raw: str, hint: Any) -> Any:
     return hint(raw)
 
 
-def check_tensors(tensors: Sequence[torch.Tensor], name: str = "") -> None:
+class Layout(NamedTuple):
+    """What the checks read of a tensor: enough to validate a source without decoding it."""
+
+    dtype: torch.dtype
+    shape: torch.Size
+
+
+Shaped = torch.Tensor | Layout
+
+
+def layout_of(source: Mapping[str, torch.Tensor], name: str) -> Shaped:
+    """The tensor, or only its layout where the mapping can tell it without decoding
+    (a `layout(name)` method, as the store's lazy sources have)."""
+    layout = getattr(source, "layout", None)
+    return layout(name) if callable(layout) else source[name]
+
+
+def check_tensors(tensors: Sequence[Shaped], name: str = "") -> None:
     """Same shape and floating dtype (fp32/bf16/fp16) for the T sources of one tensor."""
     where = f"tensor {name!r}" if name else "tensor"
     if not tensors:
@@ -199,10 +216,10 @@ def check_sources(sources: Sequence[Mapping[str, torch.Tensor]]) -> None:
                 "modules and rank"
             )
     for name in names:
-        check_tensors([s[name] for s in sources], name)
+        check_tensors([layout_of(s, name) for s in sources], name)
 
 
-def check_out(out: torch.Tensor, like: torch.Tensor, name: str) -> None:
+def check_out(out: torch.Tensor, like: Shaped, name: str) -> None:
     """A result buffer must be contiguous with the sources' shape and dtype."""
     if out.shape != like.shape or out.dtype != like.dtype or not out.is_contiguous():
         raise MismatchError(
@@ -217,6 +234,7 @@ def merge_adapters(
     sources: Sequence[Mapping[str, torch.Tensor]],
     params: Params | None = None,
     out: Mapping[str, torch.Tensor] | None = None,
+    reuse: bool = False,
 ) -> Iterator[tuple[str, torch.Tensor]]:
     """Merge whole adapters: validate, run the method's global pass, then yield tensor by tensor.
 
@@ -224,6 +242,9 @@ def merge_adapters(
     merge itself is lazy. Only the T sources of one tensor are ever stacked, so peak extra
     memory is O(T x largest tensor) beyond the inputs and what the caller keeps. `out` maps
     (some) names to buffers that receive those results in place (see `Context.out`).
+    `reuse=True` is for consumers done with each result before drawing the next (storing it,
+    writing it out): every result of one shape and dtype lands in the same buffer, so a merge
+    touches fresh memory once per shape instead of once per tensor.
     """
     m = get(method)
     p = m.params() if params is None else params
@@ -232,9 +253,18 @@ def merge_adapters(
     check_sources(sources)
     buffers = dict(out or {})
     for name, buf in buffers.items():
-        check_out(buf, sources[0][name], name)
+        check_out(buf, layout_of(sources[0], name), name)
     thresholds = m.prepare(sources, p) if m.prepare is not None else None
-    return (
-        (name, m.merge([s[name] for s in sources], p, Context(name, thresholds, buffers.get(name))))
-        for name in sources[0]
-    )
+    pool: dict[tuple[torch.Size, torch.dtype], torch.Tensor] = {}
+
+    def merged(name: str) -> torch.Tensor:
+        tensors = [s[name] for s in sources]
+        buf = buffers.get(name)
+        if buf is None and reuse:
+            key = (tensors[0].shape, tensors[0].dtype)
+            if key not in pool:
+                pool[key] = torch.empty_like(tensors[0], memory_format=torch.contiguous_format)
+            buf = pool[key]
+        return m.merge(tensors, p, Context(name, thresholds, buf))
+
+    return ((name, merged(name)) for name in sources[0])
