@@ -26,7 +26,7 @@ from typing import Literal
 import torch
 
 from adapterdb.errors import AdbError, MismatchError
-from adapterdb.merging.basic import chunk_len, map_chunks
+from adapterdb.merging.basic import chunk_len, map_chunks, sum_rows
 from adapterdb.merging.registry import NO_CONTEXT, Context, Params, check_tensors, register
 
 ScaleMode = Literal["tensor", "global"]
@@ -43,7 +43,7 @@ def unify_chunk(
     avoids an |.| temporary. Bool-producing comparisons are slow on CPU, so masks come from
     float -> bool casts and 0/1 floats from sign().
     """
-    gamma = x.sum(0).sign_().sub_(0.5).sign_()  # sign of the sum, 0 -> −1
+    gamma = sum_rows(x).sign_().sub_(0.5).sign_()  # sign of the sum, 0 -> −1
     x.mul_(gamma)
     signed = x.sum(1)
     x.clamp_min_(0)

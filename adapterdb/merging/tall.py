@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import torch
 
 from adapterdb.errors import AdbError, MismatchError
-from adapterdb.merging.basic import map_chunks
+from adapterdb.merging.basic import map_chunks, sum_rows
 from adapterdb.merging.registry import NO_CONTEXT, Context, Params, check_tensors, register
 
 
@@ -43,7 +43,7 @@ def tall_chunk(x: torch.Tensor, mask_lambda: float) -> tuple[torch.Tensor, torch
     a − b >= 0 exactly when a >= b (IEEE subtraction keeps the sign), so the mask is
     sign(|τ_t| − λ|τ_MTL − τ_t|) mapped {−1, 0, 1} -> {0, 1, 1}: float ops only, as
     bool-producing comparisons are several times slower on CPU."""
-    mtl = x.sum(0)
+    mtl = sum_rows(x)
     rest = torch.sub(mtl, x).abs_().mul_(mask_lambda)
     return mtl, x.abs_().sub_(rest).sign_().add_(1).sign_()
 
@@ -86,7 +86,7 @@ def tall(tensors: Sequence[torch.Tensor], p: TallParams, ctx: Context = NO_CONTE
 
     def chunk(x: torch.Tensor, _: slice) -> torch.Tensor:
         mtl, m = tall_chunk(x, p.mask_lambda)
-        consensus = m.sum(0).sub_(p.k - 0.5).sign_().clamp_min_(0)  # 1 where >= k masks on
+        consensus = sum_rows(m).sub_(p.k - 0.5).sign_().clamp_min_(0)  # 1 where >= k masks on
         return mtl.mul_(consensus).mul_(p.lam)
 
     return map_chunks(tensors, chunk, ctx.out)

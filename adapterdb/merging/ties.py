@@ -25,7 +25,7 @@ import numpy as np
 import torch
 
 from adapterdb.errors import AdbError
-from adapterdb.merging.basic import WeightedParams, map_chunks, source_weights
+from adapterdb.merging.basic import WeightedParams, map_chunks, source_weights, sum_rows
 from adapterdb.merging.registry import NO_CONTEXT, Context, check_tensors, register
 from adapterdb.topk import magnitude_threshold
 
@@ -79,12 +79,13 @@ def disjoint_merge(
     the weighted sum over agreeing sources divided by their count. Zeros never agree.
 
     x·γ clamped at 0 is the agreeing magnitudes; its sign() the 0/1 agreement flags."""
-    votes = x.sign().sum(0) if elect == "count" else x.sum(0)
+    votes = sum_rows(x.sign()) if elect == "count" else sum_rows(x)
     gamma = votes.sign_().add_(0.5).sign_()  # 0 -> +1
     x.mul_(gamma).clamp_min_(0)
     total = weights @ x
-    count = x.sign_().sum(0).clamp_min_(1)
-    return total.div_(count).mul_(gamma).mul_(lam)
+    count = sum_rows(x.sign_()).clamp_min_(1)
+    total.div_(count).mul_(gamma)
+    return total.mul_(lam) if lam != 1 else total
 
 
 @register("ties", params=TiesParams, prepare=ties_thresholds)
