@@ -388,7 +388,7 @@ def _merged_tasks(store: Store, head: str | None) -> int:
 
 
 def _params_json(params: registry.Params) -> dict[str, Any]:
-    return {registry._cli_name(k): v for k, v in dataclasses.asdict(params).items()}
+    return {registry.cli_name(k): v for k, v in dataclasses.asdict(params).items()}
 
 
 def _error_stats(errors: Mapping[str, float]) -> dict[str, Any]:

@@ -42,7 +42,7 @@ class Params:
                 object.__setattr__(self, f.name, tuple(value))
             if typing.get_origin(hints[f.name]) is typing.Literal and value not in choices:
                 raise AdbError(
-                    f"{_cli_name(f.name)}={value!r} is not one of: {', '.join(map(str, choices))}"
+                    f"{cli_name(f.name)}={value!r} is not one of: {', '.join(map(str, choices))}"
                 )
         self.validate()
 
@@ -118,7 +118,7 @@ def parse_params(method: str, args: Sequence[str]) -> Params:
     cls = get(method).params
     hints = typing.get_type_hints(cls)
     fields = {f.name for f in dataclasses.fields(cls)}
-    allowed = ", ".join(_cli_name(f) for f in sorted(fields)) or "none"
+    allowed = ", ".join(cli_name(f) for f in sorted(fields)) or "none"
     values: dict[str, Any] = {}
     for arg in args:
         key, sep, raw = arg.partition("=")
@@ -137,7 +137,8 @@ def parse_params(method: str, args: Sequence[str]) -> Params:
         raise AdbError(f"{method}: {exc}") from None
 
 
-def _cli_name(field: str) -> str:
+def cli_name(field: str) -> str:
+    """A parameter's name as users write it (`lam` -> `lambda`), for messages and records."""
     return next((cli for cli, f in CLI_ALIASES.items() if f == field), field)
 
 
