@@ -67,13 +67,10 @@ def base_features(loaded: LoadedModel, dataset: Dataset) -> tuple[torch.Tensor, 
 
 
 def build(
-    task: TaskConfig,
-    lora: Mapping[str, Any] | None = None,
-    prototypes: torch.Tensor | None = None,
-    device: torch.device | None = None,
+    task: TaskConfig, lora: Mapping[str, Any] | None = None, prototypes: torch.Tensor | None = None
 ) -> Runtime:
-    """Load the task's model and data onto `device` (default: accelerate's), attach the frozen
-    head, wrap with LoRA (PEFT puts the LoRA weights beside the layers they adapt).
+    """Load the task's model and data onto accelerate's device, attach the frozen head, wrap
+    with LoRA (PEFT puts the LoRA weights beside the layers they adapt).
 
     `lora` is a stored PEFT config (evaluating a commit); None builds one from the task file.
     `prototypes` skips recomputing the head (they are stored with expert commits).
@@ -81,7 +78,7 @@ def build(
     from peft import LoraConfig, get_peft_model
 
     loaded = load_model(task.model, task.data.image_size or 64)
-    loaded.to(device or default_device())
+    loaded.to(default_device())
     data = load_task_data(task.data, task.optim.seed)
     if loaded.kind not in GENERATIVE and loaded.head is None:
         if data.num_classes is None:
