@@ -250,7 +250,7 @@ def ties_thresholds_only(sources: Sequence[Tensors], density: float) -> Callable
 
 
 def dare_masks_only(sources: Sequence[Tensors], density: float) -> Callable[[], None]:
-    """Diagnostic: DARE's keep masks alone (the seeded PCG64 stream, as float 0/1)."""
+    """Diagnostic: DARE's keep masks alone (the seeded SFC64 stream, as float 0/1)."""
 
     def run() -> None:
         for name, x in sources[0].items():

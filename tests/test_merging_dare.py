@@ -6,6 +6,7 @@ import math
 import warnings
 
 import merge_reference as ref
+import numpy as np
 import pytest
 import torch
 from hypothesis import given, settings
@@ -14,12 +15,19 @@ from peft.utils import merge_utils
 
 from adapterdb.lora import delta_weight
 from adapterdb.merging import merge_adapters
-from adapterdb.merging.dare import DareParams, DareTiesParams, dare, dare_ties, keep_mask
+from adapterdb.merging.dare import (
+    DareParams,
+    DareTiesParams,
+    dare,
+    dare_ties,
+    drop_stream,
+    keep_mask,
+)
 from adapterdb.merging.registry import Context
 from adapterdb.merging.ties import Elect
 
 SETTINGS = settings(max_examples=30, deadline=None, derandomize=True)
-DENSITY = st.sampled_from([0.1, 0.5, 0.9, 1.0])
+DENSITY = st.sampled_from([0.005, 0.1, 0.5, 0.9, 1.0])  # 0.005: 32-bit flags, others 16
 WEIGHTS = st.lists(st.floats(0.25, 3.0), min_size=6, max_size=6)
 
 
@@ -88,7 +96,18 @@ def test_chunking_does_not_change_the_masks(nbytes: int | None) -> None:
     ref.assert_matches(out, ref.dare(xs, masks_of(xs, p, "w"), 0.5, [1.0] * 3), xs)
 
 
-@pytest.mark.parametrize("density", [0.1, 0.5, 0.9])
+@pytest.mark.parametrize(("density", "bits"), [(0.1, 16), (1 / 128, 16), (0.005, 32)])
+def test_mask_is_the_documented_function_of_the_stream(density: float, bits: int) -> None:
+    """Stored merges stay reproducible: entry i is kept iff word i of the (seed, name, source)
+    SFC64 stream, read as `bits`-bit little-endian words, is below round(density·2^bits)."""
+    n = 1001
+    raw = drop_stream(5, "w", 2).random_raw(n).tobytes()
+    words = np.frombuffer(raw, dtype=f"<u{bits // 8}")[:n].astype(np.int64)
+    expected = torch.from_numpy(words < round(density * 2**bits))
+    assert torch.equal(keep_mask(5, "w", 2, torch.Size([n]), density), expected)
+
+
+@pytest.mark.parametrize("density", [0.005, 0.1, 0.5, 0.9])
 def test_keep_fraction_and_rescale(density: float) -> None:
     n = 200_000
     mask = keep_mask(7, "w", 0, torch.Size([n]), density)

@@ -24,7 +24,8 @@ ChunkFn = Callable[[torch.Tensor, slice], torch.Tensor]
 
 
 def chunk_len(sources: int) -> int:
-    """Elements per source per chunk: a multiple of 64 (DARE's random stream needs even)."""
+    """Elements per source per chunk: a multiple of 64 (DARE draws its keep flags 2 or 4 to
+    a 64-bit word)."""
     return max(64, CHUNK_BYTES // (4 * sources) // 64 * 64)
 
 
