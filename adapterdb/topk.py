@@ -13,7 +13,7 @@ IEEE floats of one format order exactly like their bits read as integers.
 - bf16 / fp16 (all tensors of the same dtype): the 15 magnitude bits are the whole key, so a
   single histogram pass is already exact.
 - One CPU tensor (TIES' per-tensor trim, per-tensor alignment) needs no streaming: NumPy's
-  vectorised partition of its float32 bit patterns selects it faster than the radix passes.
+  vectorised partition of its bit patterns (as int32) selects it faster than the radix passes.
 
 The result is a value that occurs among the |x| (exact in float32; for float64 inputs it is
 the float32 rounding, since they are selected in float32). NaN sorts above +inf; callers are
@@ -22,6 +22,7 @@ expected to pass finite tensors.
 
 from __future__ import annotations
 
+import functools
 import math
 import sys
 from collections.abc import Callable, Iterable
@@ -76,16 +77,22 @@ def kth_largest_abs(t: torch.Tensor, k: int) -> float:
 
 
 def _partition_select(t: torch.Tensor, k: int) -> float:
-    """One CPU tensor, selected in float32: numpy's introselect on the magnitude bits read as
-    int32 (they order like the floats), in place on the one copy that clears the sign bits.
-    NumPy vectorises 32-bit partitions (~1 ns an element here, 3-4x the two radix passes of
-    bincount + compaction). It does not vectorise 16-bit ones, so bf16/fp16 are widened first
-    (exactly): that still beats their single radix pass."""
-    flat = t.detach().reshape(-1).to(torch.float32)
-    bits = flat.view(torch.int32).numpy() & np.int32(0x7FFFFFFF)
+    """One CPU tensor: numpy's introselect on the magnitude bits read as integers (they order
+    like the floats), in place on the one copy that clears the sign bits. NumPy vectorises
+    32-bit partitions (~1 ns an element here, 3-4x the two radix passes of bincount +
+    compaction) but not 16-bit ones, so bf16/fp16 bit patterns are widened to int32 (cheaper
+    than widening the floats) and anything else is selected as float32."""
+    flat = t.detach().reshape(-1)
+    narrow = flat.dtype in _NARROW
+    if narrow:
+        bits = flat.view(torch.int16).numpy().astype(np.int32)
+        bits &= np.int32(0x7FFF)
+    else:
+        bits = flat.to(torch.float32).view(torch.int32).numpy() & np.int32(0x7FFFFFFF)
     m = bits.size - k
     bits.partition(m)
-    return float(torch.tensor(int(bits[m]), dtype=torch.int32).view(torch.float32))
+    word = torch.from_numpy(bits[m : m + 1].astype(np.int16) if narrow else bits[m : m + 1])
+    return word.view(flat.dtype if narrow else torch.float32).item()
 
 
 def per_source_thresholds(stacked: torch.Tensor, fraction: float | Fraction) -> torch.Tensor:
@@ -112,8 +119,14 @@ def _reiterable(tensors: Tensors) -> Callable[[], Iterable[torch.Tensor]]:
 
 def _count(fraction: float | Fraction, n: int) -> int:
     """ceil(fraction · n) clamped to [0, n], exact in rationals."""
-    exact = fraction if isinstance(fraction, Fraction) else Fraction(repr(float(fraction)))
-    return min(max(math.ceil(exact * n), 0), n)
+    exact = fraction if isinstance(fraction, Fraction) else _decimal(float(fraction))
+    return min(max(-(-exact.numerator * n // exact.denominator), 0), n)
+
+
+@functools.lru_cache(maxsize=256)
+def _decimal(fraction: float) -> Fraction:
+    """The float as the decimal it prints as; cached: per-tensor trims ask for it per tensor."""
+    return Fraction(repr(fraction))
 
 
 def _radix_select(

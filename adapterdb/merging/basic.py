@@ -68,11 +68,6 @@ def sum_rows(x: torch.Tensor) -> torch.Tensor:
     return torch.add(x[0], x[1]) if x.shape[0] == 2 else x.sum(0)
 
 
-def source_weights(weights: Sequence[float] | None, sources: int, name: str = "") -> torch.Tensor:
-    """`weight_list` as a float32 (T,) tensor, for methods that contract chunks with it."""
-    return torch.tensor(weight_list(weights, sources, name), dtype=torch.float32)
-
-
 def weighted_sum(
     tensors: Sequence[torch.Tensor],
     weights: Sequence[float] | torch.Tensor,

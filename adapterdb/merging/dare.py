@@ -24,7 +24,7 @@ import numpy as np
 import torch
 
 from adapterdb.merging import basic
-from adapterdb.merging.basic import WeightedParams, map_chunks, source_weights, weighted_sum
+from adapterdb.merging.basic import WeightedParams, map_chunks, weight_list, weighted_sum
 from adapterdb.merging.registry import NO_CONTEXT, Context, check_tensors, register
 from adapterdb.merging.ties import Elect, check_density, disjoint_merge
 
@@ -115,10 +115,10 @@ def dare_merge(
 ) -> torch.Tensor:
     """Drop-and-rescale every source, then sum (elect None) or TIES-merge (elect given)."""
     check_tensors(tensors, ctx.name)
-    weights = source_weights(p.weights, len(tensors), ctx.name) / p.density
+    weights = [w / p.density for w in weight_list(p.weights, len(tensors), ctx.name)]
     streams = [drop_stream(p.seed, ctx.name, t) for t in range(len(tensors))]
     if elect is None:  # task arithmetic: λ/density folds into each source's weight
-        values = (weights * p.lam).tolist()
+        values = [w * p.lam for w in weights]
         if p.density >= 1:
             return weighted_sum(tensors, values, ctx.out)
         return dropped_sum(tensors, values, streams, p.density, ctx.out)

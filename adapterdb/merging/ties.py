@@ -25,7 +25,7 @@ import numpy as np
 import torch
 
 from adapterdb.errors import AdbError
-from adapterdb.merging.basic import WeightedParams, map_chunks, source_weights, sum_rows
+from adapterdb.merging.basic import WeightedParams, map_chunks, sum_rows, weight_list
 from adapterdb.merging.registry import NO_CONTEXT, Context, check_tensors, register
 from adapterdb.topk import magnitude_threshold
 
@@ -73,26 +73,34 @@ def trim_rows(x: torch.Tensor, thresholds: Sequence[float]) -> None:
 
 
 def disjoint_merge(
-    x: torch.Tensor, weights: torch.Tensor, elect: Elect, lam: float
+    x: torch.Tensor, weights: Sequence[float], elect: Elect, lam: float
 ) -> torch.Tensor:
     """TIES steps 2–3 on a (T, c) float32 chunk (overwritten): elect γ per entry, then λ times
     the weighted sum over agreeing sources divided by their count. Zeros never agree.
 
-    x·γ clamped at 0 is the agreeing magnitudes; its sign() the 0/1 agreement flags."""
+    x·γ clamped at 0 is the agreeing magnitudes. Equal weights (the default) scale the plain
+    sum once, with λ. Two sources count 2 exactly where both agree, so there the sum is halved
+    (exactly, as a division by 2 would) instead of dividing by a counted vector."""
     votes = sum_rows(x.sign()) if elect == "count" else sum_rows(x)
     gamma = votes.sign_().add_(0.5).sign_()  # 0 -> +1
     x.mul_(gamma).clamp_min_(0)
-    total = weights @ x
-    count = sum_rows(x.sign_()).clamp_min_(1)
-    total.div_(count).mul_(gamma)
-    return total.mul_(lam) if lam != 1 else total
+    if len(set(weights)) == 1:
+        total, scale = sum_rows(x), lam * weights[0]
+    else:
+        total, scale = torch.tensor(weights, dtype=torch.float32) @ x, lam
+    if x.shape[0] == 2:
+        total.addcmul_(total, torch.minimum(x[0], x[1]).sign_(), value=-0.5)
+    else:
+        total.div_(sum_rows(x.sign_()).clamp_min_(1))
+    total.mul_(gamma)
+    return total.mul_(scale) if scale != 1 else total
 
 
 @register("ties", params=TiesParams, prepare=ties_thresholds)
 def ties(tensors: Sequence[torch.Tensor], p: TiesParams, ctx: Context = NO_CONTEXT) -> torch.Tensor:
     """TIES-merge the T sources of one tensor (see the module doc for the definitions)."""
     check_tensors(tensors, ctx.name)
-    weights = source_weights(p.weights, len(tensors), ctx.name)
+    weights = weight_list(p.weights, len(tensors), ctx.name)
     if p.density >= 1:
         taus = [0.0] * len(tensors)
     elif ctx.thresholds is not None and p.trim == "global":
