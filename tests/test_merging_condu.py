@@ -128,12 +128,21 @@ def test_continual_steps_unify_the_decoupled_experts_with_the_new_task(
     assert all(m.shape[0] == len(sources) for m in masks.values())
 
 
-def test_emr_method_yields_the_unified_vector() -> None:
-    sources = [{"a": torch.randn(9, 4), "b": torch.randn(3, 2, 3, 3)} for _ in range(4)]
-    unified, _, _ = unify_all(sources)
-    for name, tensor in merge_adapters("emr", sources):
-        assert torch.equal(tensor, unified[name])
-    assert torch.equal(emr([s["a"] for s in sources], EmrParams()), unified["a"])
+@SETTINGS
+@given(task_vectors(), ref.CHUNKS)
+def test_emr_method_yields_the_unified_vector(
+    sources: list[dict[str, torch.Tensor]], chunk: int | None
+) -> None:
+    """`emr` skips the triggers' work but returns the Unifier's unified vector bit for bit."""
+    with ref.chunk_bytes(chunk):
+        unified, _, _ = unify_all(sources)
+        merged = dict(merge_adapters("emr", sources))
+        first = emr([s["t0"] for s in sources], EmrParams())
+    ref_unified, _, _ = ref.emr(sources)
+    for name, tensor in merged.items():
+        assert torch.equal(tensor, unified[name]), name
+        ref.assert_matches(tensor, ref_unified[name], [s[name] for s in sources])
+    assert torch.equal(first, unified["t0"])
 
 
 def test_lora_experts_rebuild_the_reference_delta_weight() -> None:

@@ -26,10 +26,22 @@ from typing import Literal
 import torch
 
 from adapterdb.errors import AdbError, MismatchError
-from adapterdb.merging.basic import chunk_len, map_chunks, sum_rows
+from adapterdb.merging.basic import map_chunks, sum_rows
 from adapterdb.merging.registry import NO_CONTEXT, Context, Params, check_tensors, register
 
 ScaleMode = Literal["tensor", "global"]
+
+
+def elected_sign(x: torch.Tensor) -> torch.Tensor:
+    """γ = sign(Σ_t τ_t) per entry of a (T, c) chunk, a zero sum giving −1."""
+    return sum_rows(x).sign_().sub_(0.5).sign_()
+
+
+def unified_chunk(x: torch.Tensor) -> torch.Tensor:
+    """τ_uni of a (T, c) float32 chunk (overwritten) alone: γ ⊙ max_t max(τ_t·γ, 0), the same
+    operations as `unify_chunk` without the masks and sums that only the triggers need."""
+    gamma = elected_sign(x)
+    return x.mul_(gamma).clamp_min_(0).amax(0).mul_(gamma)
 
 
 def unify_chunk(
@@ -43,7 +55,7 @@ def unify_chunk(
     avoids an |.| temporary. Bool-producing comparisons are slow on CPU, so masks come from
     float -> bool casts and 0/1 floats from sign().
     """
-    gamma = sum_rows(x).sign_().sub_(0.5).sign_()  # sign of the sum, 0 -> −1
+    gamma = elected_sign(x)
     x.mul_(gamma)
     signed = x.sum(1)
     x.clamp_min_(0)
@@ -143,5 +155,4 @@ class EmrParams(Params):
 def emr(tensors: Sequence[torch.Tensor], p: EmrParams, ctx: Context = NO_CONTEXT) -> torch.Tensor:
     """The unified vector τ_uni alone (the single merged model; experts need the triggers)."""
     check_tensors(tensors, ctx.name)
-    scratch = torch.empty((len(tensors), chunk_len(len(tensors))), dtype=torch.bool)
-    return map_chunks(tensors, lambda x, _: unify_chunk(x, scratch[:, : x.shape[1]])[0], ctx.out)
+    return map_chunks(tensors, lambda x, _: unified_chunk(x), ctx.out)
