@@ -28,7 +28,10 @@ from adapterdb.merging.ties import Elect
 
 SETTINGS = settings(max_examples=30, deadline=None, derandomize=True)
 DENSITY = st.sampled_from([0.005, 0.1, 0.5, 0.9, 1.0])  # 0.005: 32-bit flags, others 16
-WEIGHTS = st.lists(st.floats(0.25, 3.0), min_size=6, max_size=6)
+WEIGHTS = st.one_of(  # unequal, or all equal (the merge scales a plain sum once)
+    st.lists(st.floats(0.25, 3.0), min_size=6, max_size=6),
+    st.floats(0.25, 3.0).map(lambda w: [w] * 6),
+)
 
 
 def masks_of(xs: list[torch.Tensor], p: DareParams, name: str) -> list[torch.Tensor]:

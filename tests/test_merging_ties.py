@@ -17,7 +17,10 @@ from adapterdb.merging.ties import Elect, TiesParams, ties
 
 SETTINGS = settings(max_examples=40, deadline=None, derandomize=True)
 DENSITY = st.sampled_from([0.05, 0.2, 0.5, 0.73, 1.0])
-WEIGHTS = st.lists(st.floats(0.25, 3.0), min_size=6, max_size=6)
+WEIGHTS = st.one_of(  # unequal, or all equal (the merge scales a plain sum once)
+    st.lists(st.floats(0.25, 3.0), min_size=6, max_size=6),
+    st.floats(0.25, 3.0).map(lambda w: [w] * 6),
+)
 
 
 @SETTINGS
