@@ -23,7 +23,10 @@ from adapterdb.merging.basic import (
 from adapterdb.merging.registry import Context
 
 SETTINGS = settings(max_examples=40, deadline=None, derandomize=True)
-WEIGHTS = st.lists(st.floats(0.1, 4.0), min_size=6, max_size=6)
+WEIGHTS = st.one_of(  # unequal, or all equal (float32 sources then sum in pairs)
+    st.lists(st.floats(0.1, 4.0), min_size=6, max_size=6),
+    st.floats(0.1, 4.0).map(lambda w: [w] * 6),
+)
 
 
 @SETTINGS
