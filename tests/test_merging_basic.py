@@ -23,7 +23,7 @@ from adapterdb.merging.basic import (
 from adapterdb.merging.registry import Context
 
 SETTINGS = settings(max_examples=40, deadline=None, derandomize=True)
-WEIGHTS = st.one_of(  # unequal, or all equal (float32 sources then sum in pairs)
+WEIGHTS = st.one_of(  # unequal, or all equal
     st.lists(st.floats(0.1, 4.0), min_size=6, max_size=6),
     st.floats(0.1, 4.0).map(lambda w: [w] * 6),
 )
