@@ -95,18 +95,6 @@ def _partition_select(t: torch.Tensor, k: int) -> float:
     return word.view(flat.dtype if narrow else torch.float32).item()
 
 
-def per_source_thresholds(stacked: torch.Tensor, fraction: float | Fraction) -> torch.Tensor:
-    """Row-wise `magnitude_threshold`: stacked (T, ...) -> float32 (T,), one exact τ per source.
-
-    TIES trims each source to its own top fraction; rows are few, so one select per row.
-    """
-    rows = stacked.reshape(stacked.shape[0], -1)
-    k = _count(fraction, rows.shape[1])
-    if k == 0:
-        return torch.full((rows.shape[0],), math.inf)
-    return torch.tensor([kth_largest_abs(row, k) for row in rows], dtype=torch.float32)
-
-
 def _reiterable(tensors: Tensors) -> Callable[[], Iterable[torch.Tensor]]:
     if isinstance(tensors, torch.Tensor):
         return lambda: (tensors,)
