@@ -101,8 +101,9 @@ def test_chunking_does_not_change_the_masks(nbytes: int | None) -> None:
 
 @pytest.mark.parametrize(("density", "bits"), [(0.1, 16), (1 / 128, 16), (0.005, 32)])
 def test_mask_is_the_documented_function_of_the_stream(density: float, bits: int) -> None:
-    """Stored merges stay reproducible: entry i is kept iff word i of the (seed, name, source)
-    SFC64 stream, read as `bits`-bit little-endian words, is below round(density·2^bits)."""
+    """Pins the masks (changing them changes every DARE merge): entry i is kept iff word i of
+    the (seed, name, source) SFC64 stream, read as `bits`-bit little-endian words, is below
+    round(density·2^bits)."""
     n = 1001
     raw = drop_stream(5, "w", 2).random_raw(n).tobytes()
     words = np.frombuffer(raw, dtype=f"<u{bits // 8}")[:n].astype(np.int64)
