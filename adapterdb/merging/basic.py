@@ -19,7 +19,7 @@ from adapterdb.errors import AdbError, MismatchError
 from adapterdb.merging.registry import NO_CONTEXT, Context, Params, check_tensors, register
 
 CHUNK_BYTES = 1 << 22  # float32 scratch per chunk, all sources together (with temporaries: L3)
-SPAN = 1 << 18  # float32 accumulator elements of `weighted_sum` (1 MiB: L2)
+SPAN = 1 << 18  # float32 accumulator elements of `map_spans` (1 MiB: L2)
 ChunkFn = Callable[[torch.Tensor, slice], torch.Tensor]
 
 
@@ -87,16 +87,33 @@ def weighted_sum(
         return torch.lerp(tensors[0], tensors[1], w[1], out=out)
     if len(tensors) == 2 and w[0] == 1.0:
         return torch.add(tensors[0], tensors[1], alpha=w[1], out=out)
+    flats = [t.reshape(-1) for t in tensors]
+
+    def fill(acc: torch.Tensor, span: slice) -> None:
+        acc.copy_(flats[0][span]).mul_(w[0])
+        for src, weight in zip(flats[1:], w[1:], strict=True):
+            acc.add_(src[span], alpha=weight)
+
+    return map_spans(tensors, fill, out)
+
+
+def map_spans(
+    tensors: Sequence[torch.Tensor],
+    fill: Callable[[torch.Tensor, slice], None],
+    out: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Sum-like merges span by span: `fill(acc, span)` writes the merged elements `span` of
+    the flattened sources into `acc`, a float32 span small enough for L2 (the output itself
+    when it is float32, else scratch copied into it). Spans are multiples of 64 elements
+    (DARE draws its keep flags 2 or 4 to a 64-bit word)."""
     res = out if out is not None else torch.empty(tensors[0].shape, dtype=tensors[0].dtype)
-    dst, flats = res.view(-1), [t.reshape(-1) for t in tensors]
-    n, step = dst.numel(), SPAN
+    dst = res.view(-1)
+    n, step = dst.numel(), max(64, SPAN // 64 * 64)
     scratch = None if res.dtype == torch.float32 else torch.empty(min(step, n))
     for start in range(0, n, step):
         span = slice(start, min(start + step, n))
         acc = dst[span] if scratch is None else scratch[: span.stop - start]
-        acc.copy_(flats[0][span]).mul_(w[0])
-        for src, weight in zip(flats[1:], w[1:], strict=True):
-            acc.add_(src[span], alpha=weight)
+        fill(acc, span)
         if scratch is not None:
             dst[span].copy_(acc)
     return res

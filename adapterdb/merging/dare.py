@@ -23,8 +23,13 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from adapterdb.merging import basic
-from adapterdb.merging.basic import WeightedParams, map_chunks, weight_list, weighted_sum
+from adapterdb.merging.basic import (
+    WeightedParams,
+    map_chunks,
+    map_spans,
+    weight_list,
+    weighted_sum,
+)
 from adapterdb.merging.registry import NO_CONTEXT, Context, check_tensors, register
 from adapterdb.merging.ties import Elect, check_density, disjoint_merge
 
@@ -92,22 +97,17 @@ def dropped_sum(
     """Σ_t m_t ⊙ τ_t · value_t in float32, span by span. Each mask arrives holding value_t
     where it keeps, so a source costs one multiply(-add) straight from its own memory: no
     staging copy, no separate rescaling pass."""
-    res = out if out is not None else torch.empty(tensors[0].shape, dtype=tensors[0].dtype)
-    dst, flats = res.view(-1), [t.reshape(-1) for t in tensors]
-    n, step = dst.numel(), max(4, basic.SPAN // 4 * 4)  # see next_keep
-    scratch = None if res.dtype == torch.float32 else torch.empty(min(step, n))
-    for start in range(0, n, step):
-        span = slice(start, min(start + step, n))
-        acc = dst[span] if scratch is None else scratch[: span.stop - start]
+    flats = [t.reshape(-1) for t in tensors]
+
+    def fill(acc: torch.Tensor, span: slice) -> None:
         for t, (src, stream, value) in enumerate(zip(flats, streams, values, strict=True)):
             keep = next_keep(stream, acc.numel(), density, value)
             if t == 0:
                 torch.mul(src[span], keep, out=acc)
             else:
                 acc.addcmul_(src[span], keep)
-        if scratch is not None:
-            dst[span].copy_(acc)
-    return res
+
+    return map_spans(tensors, fill, out)
 
 
 def dare_merge(
