@@ -163,7 +163,7 @@ def jobs(ws: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Jobs]:
     long = subprocess.Popen(
         [ADB, "train", "long.yaml"],
         cwd=long_repo,
-        env=adb_env({"ADB_TEST_MARK": str(mark)}),
+        env=adb_env({"ADB_TEST_MARK": str(mark), "PYTHONFAULTHANDLER": "1"}),
         **pipes,
     )
     yield Jobs(multi, multi_repo, dumps, long, long_repo, mark, long_before)
@@ -330,9 +330,31 @@ def test_interrupt_leaves_the_store_unchanged(jobs: Jobs) -> None:
         time.sleep(0.2)
     assert jobs.mark.exists(), f"training never started: {proc.poll()}"
     proc.send_signal(signal.SIGINT)
-    _, err = proc.communicate(timeout=120)
+    try:
+        _, err = proc.communicate(timeout=120)
+    except subprocess.TimeoutExpired:  # PYTHONFAULTHANDLER: SIGABRT prints every stack
+        proc.send_signal(signal.SIGABRT)
+        _, err = proc.communicate(timeout=60)
+        pytest.fail(f"adb train went on for 120 s after SIGINT; its stacks:\n{err[-6000:]}")
     assert one_error_line(proc.returncode, err).startswith("interrupted")
     assert snapshot(jobs.long_repo / STORE_DIR) == jobs.long_before
+
+
+def test_an_interrupt_swallowed_mid_step_stops_training_at_the_next_step() -> None:
+    """Python drops a KeyboardInterrupt raised inside __del__ or a weakref callback; the
+    training loop's check raises it again, and the default handler comes back afterwards."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(signal, "getsignal", lambda _: signal.default_int_handler)
+        with loop.interrupts() as stop_if_interrupted:
+            stop_if_interrupted()  # nothing pressed yet
+            try:
+                os.kill(os.getpid(), signal.SIGINT)
+                time.sleep(1)  # the handler runs here
+            except KeyboardInterrupt:
+                pass  # swallowed
+            with pytest.raises(KeyboardInterrupt):
+                stop_if_interrupted()
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
 
 
 @pytest.mark.parametrize(

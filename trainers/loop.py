@@ -11,8 +11,11 @@ from __future__ import annotations
 
 import math
 import os
+import signal
+import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -115,22 +118,24 @@ def train(
     batches = runtime.iter_forever(loader)
     misaligned: float | None = None
     loop_started = time.perf_counter()
-    for step in range(1, steps + 1):
-        for _ in range(task.optim.grad_accum):
-            with accel.accumulate(model), accel.autocast():
-                loss = model(next(batches))
-                accel.backward(loss)
-                opt.step()
-                opt.zero_grad()
-        if align_on and step % task.align.every == 0:
-            report = align_adapter_(live, glob, thresholds, task.align.reinit)  # type: ignore[arg-type]
-            misaligned = report.reset_fraction
-            checks.append(_check_row(step, report))
-        value = float(loss.detach())
-        if not math.isfinite(value):
-            raise diverged(task, step)
-        if progress and accel.is_main_process:
-            progress(step, steps, value, misaligned)
+    with interrupts() as stop_if_interrupted:
+        for step in range(1, steps + 1):
+            stop_if_interrupted()
+            for _ in range(task.optim.grad_accum):
+                with accel.accumulate(model), accel.autocast():
+                    loss = model(next(batches))
+                    accel.backward(loss)
+                    opt.step()
+                    opt.zero_grad()
+            if align_on and step % task.align.every == 0:
+                report = align_adapter_(live, glob, thresholds, task.align.reinit)  # type: ignore[arg-type]
+                misaligned = report.reset_fraction
+                checks.append(_check_row(step, report))
+            value = float(loss.detach())
+            if not math.isfinite(value):
+                raise diverged(task, step)
+            if progress and accel.is_main_process:
+                progress(step, steps, value, misaligned)
     barrier(accel.device)
     if not all(bool(torch.isfinite(p).all()) for p in live.values()):
         raise diverged(task, steps)
@@ -143,6 +148,35 @@ def train(
         result.commit_id = commit_expert(store, branch, head, task, rt, result)
     barrier(accel.device)
     return result
+
+
+@contextmanager
+def interrupts() -> Iterator[Callable[[], None]]:
+    """Ctrl-C while training raises KeyboardInterrupt at once, as usual, and the returned
+    check raises it again at the next step should anything have swallowed the first: Python
+    drops exceptions raised inside __del__ methods and weakref callbacks, which run whenever
+    garbage is collected. A no-op off the main thread or when SIGINT is not Python's default."""
+    if (
+        threading.current_thread() is not threading.main_thread()
+        or signal.getsignal(signal.SIGINT) is not signal.default_int_handler
+    ):
+        yield lambda: None
+        return
+    pressed = threading.Event()
+
+    def handler(signum: int, frame: object) -> None:
+        pressed.set()
+        raise KeyboardInterrupt
+
+    def check() -> None:
+        if pressed.is_set():
+            raise KeyboardInterrupt
+
+    signal.signal(signal.SIGINT, handler)
+    try:
+        yield check
+    finally:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 def diverged(task: TaskConfig, step: int) -> AdbError:
