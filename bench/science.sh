@@ -1,23 +1,24 @@
 #!/usr/bin/env bash
-# The README's science checks on the demo sequence: 4 methods over 3 task orders, a PAM p sweep
-# (30/50/70, same orders), then `bench/science.py` summarises everything into
-# bench/out/science.json and prints the markdown for bench/RESULTS.md. Resumable.
+# The README's science section: both bundled sequences, 5 task orders, methods finetune,
+# average, pam, ties, magmax, condu (nothing tuned per method: one learning rate per sequence,
+# chosen by `adb run` on a validation split), 2 worker processes; then `bench/science.py`
+# prints the markdown for bench/RESULTS.md and writes bench/out/science/science.json.
+# Resumable: finished steps are found in the stores and skipped.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ADB=.venv/bin/adb
-OUT=bench/out/science
-ORDERS=${ORDERS:-3}
+OUT=${SCIENCE_OUT:-bench/out/science}
+ORDERS=${ORDERS:-5}
+JOBS=${JOBS:-2}
+METHODS=finetune,average,pam,ties,magmax,condu
+bash bench/debian-data.sh
 mkdir -p "$OUT"
-SEQ=$(.venv/bin/python -c "from adapterdb.cli.run import sequence_path; print(sequence_path('split-fashion-mnist'))")
-for run in main p30 p70; do
-  [ -d "$OUT/$run/.adb" ] || $ADB init "$OUT/$run" >/dev/null
+for seq in split-fashion-mnist split-wordnet; do
+  [ -d "$OUT/$seq/.adb" ] || $ADB init "$OUT/$seq" >/dev/null
+  SECONDS=0
+  $ADB --store "$OUT/$seq" run "$seq" --methods "$METHODS" --orders "$ORDERS" --jobs "$JOBS" \
+    --json > "$OUT/$seq.json"
+  echo "$SECONDS" > "$OUT/$seq.time"
+  $ADB --store "$OUT/$seq" report -o "$OUT/$seq-report" >/dev/null
 done
-$ADB --store "$OUT/main" run split-fashion-mnist --methods finetune,average,pam,condu \
-  --orders "$ORDERS" --json > "$OUT/main.json"
-for p in 30 70; do
-  sed -e "s/align: {p: 50,/align: {p: $p,/" -e "s/^name: split-fashion-mnist/name: split-fashion-mnist-p$p/" \
-    "$SEQ" > "$OUT/p$p.yaml"
-  $ADB --store "$OUT/p$p" run "$OUT/p$p.yaml" --methods pam --orders "$ORDERS" --json > "$OUT/p$p.json"
-done
-$ADB --store "$OUT/main" report -o "$OUT/report" >/dev/null
 .venv/bin/python bench/science.py "$OUT"

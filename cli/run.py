@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-import statistics
 from importlib import resources
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import typer
 from rich.table import Table
@@ -15,11 +15,14 @@ from adapterdb.cli.train import THREADS, set_threads
 from adapterdb.errors import AdbError
 from adapterdb.storage.store import Store
 
+if TYPE_CHECKING:
+    from adapterdb.trainers.summary import Cells
+
 COLUMNS = ("ACC", "BWT", "FWT", "A_t", "A_m")
 
 
 def sequence_path(spec: str) -> Path:
-    """A sequence file, or the name of one bundled with adb (`split-fashion-mnist`)."""
+    """A sequence file, or the name of one bundled with adb (`split-fashion-mnist`, ...)."""
     path = Path(spec)
     if path.is_file():
         return path
@@ -34,7 +37,7 @@ def sequence_path(spec: str) -> Path:
 
 def run(
     sequence: str = typer.Argument(
-        ..., help="sequence.yaml, or a bundled name: split-fashion-mnist"
+        ..., help="sequence.yaml, or a bundled name: split-fashion-mnist, split-wordnet"
     ),
     methods: str = typer.Option(
         "pam,average,ties,magmax,condu,finetune", "--methods", help="Comma-separated."
@@ -44,36 +47,52 @@ def run(
     ),
     seed: int = typer.Option(0, "--seed", help="Seed of the shuffles."),
     top_k: int = typer.Option(4, "--top-k", help="ConDU routing: experts per input."),
+    jobs: int = typer.Option(
+        1, "--jobs", "-j", min=1, help="Worker processes, one (method, order) branch each."
+    ),
     threads: int = THREADS,
     as_json: bool = JSON,
 ) -> None:
     """Train -> merge -> evaluate every task, per method and order; print the paper's table."""
     from adapterdb.trainers.config import load_sequence
-    from adapterdb.trainers.report import pm
     from adapterdb.trainers.sequence import run_sequence
+    from adapterdb.trainers.summary import differences_table, results_table
 
     store = Store.find()
     seq = load_sequence(sequence_path(sequence))
     set_threads(threads)
     chosen = [m.strip() for m in methods.split(",") if m.strip()]
-    say = (lambda _msg: None) if as_json else (lambda msg: console.print(msg, markup=False))
-    result = run_sequence(store, seq, chosen, orders, seed, top_k, say)
+    say = (
+        (lambda _msg: None)
+        if as_json
+        else (lambda msg: console.print(msg, markup=False, soft_wrap=True))
+    )
+    result = run_sequence(store, seq, chosen, orders, seed, top_k, say, jobs=jobs)
     if as_json:
         emit_json(result.to_json())
         return
-    table = Table(
-        title=f"{seq.name or sequence}: {len(seq.tasks)} tasks, {orders} order(s); mean ± std in %"
+    runs = result.runs()
+    spread = "mean ± 95% CI half-width" if orders > 1 else "one order: no interval"
+    title = f"{seq.name or sequence}: {len(seq.tasks)} tasks, {orders} order(s); {spread}, in %"
+    console.print(
+        rich_table(title, results_table(runs, result.zero_shot, result.independent, COLUMNS))
     )
-    table.add_column("method")
-    for col in COLUMNS:
-        table.add_column(col, justify="right")
-    for method, row in result.table().items():
-        table.add_row(method, *(pm(mean, std or None) for mean, std in (row[c] for c in COLUMNS)))
-    zs = statistics.fmean(result.zero_shot.values())
-    ind = statistics.fmean(result.independent.values()) if result.independent else None
-    table.add_row("zero-shot (base)", pm(zs, None), "", "", "", "")
-    table.add_row("independent experts", pm(ind, None), "", "", pm(ind, None), "")
-    console.print(table)
+    diffs = differences_table(runs)
+    if diffs:
+        title = "Paired difference per order, in points: mean [95% CI]; orders where it was > 0"
+        console.print(rich_table(title, diffs))
+
+
+def rich_table(title: str, cells: Cells) -> Table:
+    """A summary table (header, rows of cells) as rich prints it: names left, numbers right."""
+    header, rows = cells
+    out = Table(title=title)
+    out.add_column(header[0])
+    for name in header[1:]:
+        out.add_column(name, justify="right")
+    for row in rows:
+        out.add_row(*row)
+    return out
 
 
 def report(

@@ -8,7 +8,7 @@ from pathlib import Path
 import typer
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
-from adapterdb.cli.output import console, short
+from adapterdb.cli.output import console, err_console, short
 from adapterdb.storage.refs import check_ref_name
 from adapterdb.storage.store import Store
 
@@ -64,6 +64,8 @@ def train(
         result = run_training(task, store, branch, progress)
     if result.commit_id is None:
         return  # not the main process
+    for flag in result.flags:
+        err_console.print(f"warning: {flag.message}", markup=False, style="yellow", soft_wrap=True)
     align = (
         "off"
         if not task.align.enabled

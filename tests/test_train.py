@@ -197,8 +197,10 @@ def trained(ws: Path, jobs: Jobs) -> Trained:
     repo = ws / "repo"
     store = Store.init(repo)
     t1, t2 = load_task(ws / "t1.yaml"), load_task(ws / "t2.yaml")
-    set_seed(t1.optim.seed)  # what train() does before building: the same random LoRA init
-    init1 = runtime.get_lora(runtime.build(t1))
+    set_seed(t1.optim.seed)  # what train() does: build, then PEFT's LoRA init, seeded
+    rt1 = runtime.build(t1)
+    runtime.fresh_lora(rt1, t1.optim.seed)
+    init1 = runtime.get_lora(rt1)
     losses: list[float] = []
     r1 = loop.train(t1, store, "main", lambda step, total, loss, mis: losses.append(loss))
     assert store.refs.read("refs/heads/main") is None  # training never moves the branch

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Annotated, Any, Literal, get_args
@@ -22,13 +23,16 @@ from pydantic import (
     Field,
     ValidationError,
     ValidationInfo,
+    field_validator,
     model_validator,
 )
 
 from adapterdb.errors import AdbError, NotFoundError
+from adapterdb.trainers.textdata import LEXNAMES
 
 HfTask = Literal["sequence-classification", "causal-lm", "clip", "vision-to-text"]
 Packaged = Literal["efficientnet-lite0", "minilm"]
+Builtin = Literal["fashion-mnist", "wordnet-supersenses"]
 FileFormat = Literal["jsonl", "json", "csv", "parquet", "imagefolder"]
 HF_TASKS: tuple[str, ...] = get_args(HfTask)
 FILE_FORMATS: tuple[str, ...] = get_args(FileFormat)
@@ -91,10 +95,11 @@ class ModelSpec(_Spec):
 
 
 class DataSpec(_Spec):
-    """Local files read through HF `datasets`, or a built-in data set (Fashion-MNIST)."""
+    """Local files read through HF `datasets`, or a built-in data set: Fashion-MNIST (classes
+    by id 0..9) or WordNet supersenses (classes by name: noun.animal, verb.motion, ...)."""
 
-    builtin: Literal["fashion-mnist"] | None = None
-    classes: list[Annotated[int, Field(ge=0, le=9)]] | None = Field(None, min_length=2)
+    builtin: Builtin | None = None
+    classes: list[int | str] | None = Field(None, min_length=2)
     folder: FilePath | None = None
     format: FileFormat | None = None
     train: FilePath | None = None
@@ -107,13 +112,35 @@ class DataSpec(_Spec):
     limit: int | None = Field(None, ge=1)
     eval_limit: int | None = Field(None, ge=1)  # the eval split's own limit (default: limit)
     image_size: int = Field(64, ge=8, le=1024)
+    # Carve the eval split out of the training data (this fraction, seeded) instead of using
+    # the test data: what `adb run` selects learning rates on, so the test split stays unseen.
+    validation: float | None = Field(None, gt=0, lt=1)
+
+    @field_validator("classes")
+    @classmethod
+    def _builtin_classes(cls, value: list[int | str] | None, info: ValidationInfo) -> Any:
+        """Fashion-MNIST names classes by id 0..9, WordNet by supersense (lexicographer file)."""
+        builtin = info.data.get("builtin")
+        for i, item in enumerate(value or []):
+            if builtin == "fashion-mnist" and not (isinstance(item, int) and 0 <= item <= 9):
+                raise ValueError(
+                    f"[{i}] = {item!r} is not allowed; use a Fashion-MNIST class id, a value "
+                    "greater than or equal to 0 and less than or equal to 9"
+                )
+            if builtin == "wordnet-supersenses" and item not in LEXNAMES:
+                raise ValueError(
+                    f"[{i}] = {item!r} is not allowed; use a WordNet supersense name such as "
+                    "noun.animal or verb.motion (`man 5 lexnames` lists all 45)"
+                )
+        return value
 
     @model_validator(mode="after")
     def _one_source(self) -> DataSpec:
+        builtins = " | ".join(get_args(Builtin))
         if (self.builtin is None) == (self.train is None):
-            raise ValueError("needs exactly one of train (a local file) or builtin: fashion-mnist")
+            raise ValueError(f"needs exactly one of train (a local file) or builtin: {builtins}")
         if self.builtin is None and (self.classes is not None or self.folder is not None):
-            raise ValueError("classes and folder only apply to builtin: fashion-mnist")
+            raise ValueError(f"classes and folder only apply to builtin: {builtins}")
         if self.builtin is None and self.file_format is None:
             raise ValueError(
                 f"train = '{self.train}' has an unknown suffix; "
@@ -152,10 +179,35 @@ class LoraSpec(_Spec):
     target_modules: list[str] | None = Field(None, min_length=1)
 
 
-class OptimSpec(_Spec):
-    """Optimiser and run length: exactly one of `steps` or `epochs`."""
+Schedule = Literal["constant", "linear", "cosine"]
 
-    lr: float = Field(1e-3, gt=0)
+
+def _positive(value: Any) -> float | None:
+    """`value` as a finite float > 0 (YAML reads 1e-3 as a string), else None."""
+    if isinstance(value, bool) or not isinstance(value, int | float | str):
+        return None
+    try:
+        number = float(value)
+    except ValueError:
+        return None
+    return number if 0 < number < math.inf else None
+
+
+class OptimSpec(_Spec):
+    """Optimiser, schedule and run length: exactly one of `steps` or `epochs`.
+
+    `lr` may list candidates in a sequence file (`adb run` picks one per sequence on a
+    validation split); a single task needs one value. The schedule (linear warmup over
+    `warmup` of the steps, then `schedule` decay to 0) and `max_grad_norm` are defaults that
+    bench/RESULTS.md ("Collapse") measured: without the decay, Adam's late steps pushed
+    EfficientNet's ReLU6 features into saturation, where no gradient flows again.
+    """
+
+    lr: float | list[float] = 1e-3
+    schedule: Schedule = "cosine"
+    warmup: float = Field(0.1, ge=0, lt=1)
+    max_grad_norm: float | None = Field(1.0, gt=0)
+    on_collapse: Literal["warn", "stop"] = "warn"
     steps: int | None = Field(None, ge=1)
     epochs: int | None = Field(None, ge=1)
     batch_size: int = Field(16, ge=1)
@@ -165,11 +217,27 @@ class OptimSpec(_Spec):
     precision: Literal["fp32", "bf16", "fp16"] = "fp32"
     seed: int = 0
 
+    @field_validator("lr", mode="before")
+    @classmethod
+    def _learning_rates(cls, value: Any) -> float | list[float]:
+        """A positive finite number, or a non-empty list of distinct ones (candidates)."""
+        items = [_positive(x) for x in (value if isinstance(value, list) else [value])]
+        if None in items or not items or len(set(items)) != len(items):
+            raise ValueError(
+                f"= {value!r} is not allowed; use a number > 0, or a list of distinct ones"
+            )
+        return items if isinstance(value, list) else items[0]  # type: ignore[return-value]
+
     @model_validator(mode="after")
     def _one_length(self) -> OptimSpec:
         if (self.steps is None) == (self.epochs is None):
             raise ValueError("needs exactly one of steps or epochs")
         return self
+
+    @property
+    def candidates(self) -> list[float]:
+        """The learning rates to choose from (one when `lr` is a number)."""
+        return list(self.lr) if isinstance(self.lr, list) else [self.lr]
 
 
 class AlignSpec(_Spec):
@@ -304,7 +372,8 @@ def _one_line(exc: ValidationError, cls: type[BaseModel], source: str) -> str:
         line = f"{field} = {value} is not allowed; use one of {expected}"
     elif kind == "value_error":
         reason = msg.removeprefix("Value error, ")
-        line = f"{field} {reason}" if field else reason
+        glue = "" if reason.startswith("[") else " "  # an item of the field: classes[1] = ...
+        line = f"{field}{glue}{reason}" if field else reason
     elif kind == "string_pattern_mismatch":
         line = f"{field} = {value} is not allowed; use a string matching {err['ctx']['pattern']}"
     else:

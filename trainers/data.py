@@ -1,4 +1,4 @@
-"""Task data: local files through HF `datasets`, image folders, and Fashion-MNIST idx files.
+"""Task data: files through HF `datasets`, image folders, Fashion-MNIST, WordNet supersenses.
 
 Every loader returns a plain torch `Dataset` whose items are dicts with canonical keys
 (`text`, `image`, `question`, `answer`, `label`), whatever the columns were called on disk, so
@@ -24,6 +24,7 @@ from torch.utils.data import Dataset
 
 from adapterdb.errors import AdbError
 from adapterdb.trainers.config import DataSpec
+from adapterdb.trainers.textdata import LEXNAMES, load_supersenses, wordnet_folder
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -81,6 +82,8 @@ def load_task_data(spec: DataSpec, seed: int = 0) -> TaskData:
             for split in ("train", "eval")
         )
         return TaskData(train, evl, names)
+    if spec.builtin == "wordnet-supersenses":
+        return load_wordnet_supersenses(spec, seed)
     train_hf = _hf_split(spec, spec.train)
     eval_hf = None if spec.eval is None else _hf_split(spec, spec.eval)
     names = _label_names(train_hf, spec.label) if spec.label in train_hf.column_names else None
@@ -164,6 +167,21 @@ def subsample(n: int, limit: int | None, seed: int = 0) -> torch.Tensor:
         return torch.arange(n)
     generator = torch.Generator().manual_seed(seed)
     return torch.randperm(n, generator=generator)[:limit].sort().values
+
+
+# --- WordNet supersenses (trainers/textdata.py) -------------------------------------------
+
+
+def load_wordnet_supersenses(spec: DataSpec, seed: int = 0) -> TaskData:
+    """Both splits of a WordNet supersense task; classes by name, all 45 when not given."""
+    classes = [str(c) for c in spec.classes] if spec.classes else list(LEXNAMES)
+    folder = wordnet_folder(spec.folder)
+    splits = []
+    for split in ("train", "eval"):
+        texts, labels = load_supersenses(folder, split, classes, spec.split_limit(split), seed)
+        ids = torch.tensor(labels, dtype=torch.long)
+        splits.append(ExampleDataset(lambda i, t=texts: {"text": t[i]}, len(texts), ids))
+    return TaskData(splits[0], splits[1], tuple(classes))
 
 
 # --- files through HF datasets ------------------------------------------------------------
@@ -296,3 +314,21 @@ def _resize(batch: torch.Tensor, size: int) -> torch.Tensor:
     return F.interpolate(
         batch, size=(size, size), mode="bilinear", align_corners=False, antialias=True
     )
+
+
+def carve_validation(data: TaskData, fraction: float, seed: int = 0) -> TaskData:
+    """The training split cut in two, seeded: the rest to train on, `fraction` of it (at least
+    one example) as the eval split. The task's own eval split is set aside untouched."""
+    order = torch.randperm(len(data.train), generator=torch.Generator().manual_seed(seed))
+    held = max(1, min(len(order) - 1, round(fraction * len(order))))
+    return TaskData(
+        _subset(data.train, order[held:].sort().values),
+        _subset(data.train, order[:held].sort().values),
+        data.label_names,
+    )
+
+
+def _subset(dataset: ExampleDataset, index: torch.Tensor) -> ExampleDataset:
+    labels = None if dataset.labels is None else dataset.labels[index]
+    rows = index.tolist()
+    return ExampleDataset(lambda i: dataset._fetch(rows[i]), len(rows), labels)

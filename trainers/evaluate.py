@@ -280,6 +280,7 @@ class Matrix:
     trained: list[float | None]
     zero_shot: list[float | None]
     steps: list[str]
+    flags: list[list[str]] = field(default_factory=list)  # per step: the expert's health flags
 
     def metrics(self) -> dict[str, float | None]:
         zs = self.zero_shot if all(z is not None for z in self.zero_shot) else None
@@ -292,6 +293,7 @@ class Matrix:
             "A_t_per_task": self.trained,
             "zero_shot": self.zero_shot,
             "steps": self.steps,
+            "health_flags": self.flags,
             "metrics": self.metrics(),
         }
 
@@ -319,12 +321,14 @@ def accuracy_matrix(store: Store, branch: str, routing: str | None = None) -> Ma
         rec = eval_records(store, oid, routing)
         R.append([rec.get(task) for task in tasks])
     trained = [_trained_accuracy(store, c) for _, c in steps]
+    flags = [_health_flags(store, c) for _, c in steps]
     zs_all: dict[str, float] = {}
     for _, c in steps:
         for src in c.sources:
             if not src.startswith("folder:"):
                 zs_all.update(_zero_shot_for(store, store.read_commit(src)))
-    return Matrix(tasks, R, trained, [zs_all.get(t) for t in tasks], [oid for oid, _ in steps])
+    zs = [zs_all.get(t) for t in tasks]
+    return Matrix(tasks, R, trained, zs, [oid for oid, _ in steps], flags)
 
 
 def _trained_accuracy(store: Store, merge: Commit) -> float | None:
@@ -336,6 +340,16 @@ def _trained_accuracy(store: Store, merge: Commit) -> float | None:
         if value is not None:
             return value
     return None
+
+
+def _health_flags(store: Store, merge: Commit) -> list[str]:
+    """The failed health checks of the experts a merge step took in (trainers/health.py)."""
+    out = []
+    for src in merge.sources:
+        if not src.startswith("folder:"):
+            health = store.read_commit(src).stats.get("health") or {}
+            out += [f["check"] for f in health.get("flags", []) if isinstance(f, dict)]
+    return out
 
 
 def _zero_shot_for(store: Store, expert: Commit) -> dict[str, float]:

@@ -9,6 +9,7 @@ is computed once per task; each check is one fused pass. The expert is committed
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 import signal
@@ -27,8 +28,10 @@ from adapterdb.alignment import AlignReport, align_adapter_, alignment_threshold
 from adapterdb.errors import AdbError
 from adapterdb.storage.commits import Commit
 from adapterdb.storage.store import Store
+from adapterdb.trainers import health as health_mod
 from adapterdb.trainers import runtime
 from adapterdb.trainers.config import TaskConfig
+from adapterdb.trainers.health import Flag, Health
 from adapterdb.trainers.merge import EXPERTS
 
 PRECISION = {"fp32": "no", "bf16": "bf16", "fp16": "fp16"}
@@ -45,6 +48,8 @@ class TrainResult:
     align_skipped: str | None = None
     loop_seconds: float = 0.0  # the optimisation steps alone (no loading, eval or commit)
     device: str = "cpu"  # where it trained: accelerate's device, precision and process count
+    health: dict[str, Any] = field(default_factory=dict)  # figures, as the commit records
+    flags: list[Flag] = field(default_factory=list)  # failed health checks (optim.on_collapse)
 
 
 def global_adapter(store: Store, branch: str) -> tuple[str | None, dict[str, torch.Tensor] | None]:
@@ -80,6 +85,7 @@ def train(
     from accelerate import Accelerator
     from accelerate.utils import set_seed
 
+    lr = single_lr(task)
     try:
         accel = Accelerator(mixed_precision=PRECISION[task.optim.precision])
     except ValueError as exc:
@@ -92,9 +98,13 @@ def train(
     head, glob = global_adapter(store, branch)
     rt = cache.get(task) if cache is not None else runtime.build(task)
     start = init if init is not None else (glob if task.init == "global" else None)
+    # Seeded again after the runtime is ready: building one draws random numbers and reusing a
+    # cached one draws none, and the LoRA init and batch order must not depend on which it was
+    # (a resumed `adb run` would otherwise train differently from an uninterrupted one).
+    set_seed(task.optim.seed)
     if start is not None:
         runtime.set_lora(rt, start)
-    elif cache is not None:  # a reused runtime holds the last expert's weights
+    else:  # PEFT's init, seeded; a reused runtime also holds the last expert's weights
         runtime.fresh_lora(rt, task.optim.seed)
     live = runtime.lora_parameters(rt)
     align_on = task.align.enabled and glob is not None
@@ -107,12 +117,19 @@ def train(
         glob = {n: glob[n].to(accel.device) for n in live}
 
     params = [p for p in rt.peft.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=task.optim.lr, weight_decay=task.optim.weight_decay)
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=task.optim.weight_decay)
     loader = runtime.batches(
         rt, rt.data.train, task.optim.batch_size, shuffle=True, drop_last=False
     )
     model, opt, loader = accel.prepare(StepLoss(rt, task.optim.label_smoothing), opt, loader)
     steps = total_steps(task, len(rt.data.train), accel.num_processes)
+    sched = schedule(opt, task, steps)
+    max_norm = task.optim.max_grad_norm or math.inf  # inf: measure the norm, clip nothing
+    health = Health(task.name, lr, None if rt.generative else rt.data.num_classes)
+    probe = _probe(rt)
+    probe_at = health_mod.probe_steps(steps) if probe else set()
+    if probe:
+        health.record_probe(0, probe())
     checks: list[dict[str, float]] = []
     rt.loaded.train(True)
     batches = runtime.iter_forever(loader)
@@ -121,12 +138,16 @@ def train(
     with interrupts() as stop_if_interrupted:
         for step in range(1, steps + 1):
             stop_if_interrupted()
+            grad_norm = None
             for _ in range(task.optim.grad_accum):
                 with accel.accumulate(model), accel.autocast():
                     loss = model(next(batches))
                     accel.backward(loss)
+                    if accel.sync_gradients:
+                        grad_norm = float(accel.clip_grad_norm_(params, max_norm))
                     opt.step()
                     opt.zero_grad()
+            sched.step()
             if align_on and step % task.align.every == 0:
                 report = align_adapter_(live, glob, thresholds, task.align.reinit)  # type: ignore[arg-type]
                 misaligned = report.reset_fraction
@@ -134,6 +155,10 @@ def train(
             value = float(loss.detach())
             if not math.isfinite(value):
                 raise diverged(task, step)
+            health.record_step(value, grad_norm)
+            if step in probe_at:
+                assert probe is not None
+                health.record_probe(step, probe())
             if progress and accel.is_main_process:
                 progress(step, steps, value, misaligned)
     barrier(accel.device)
@@ -144,6 +169,14 @@ def train(
     result = TrainResult(None, 0.0, steps, 0.0, checks, skipped, loop_seconds, where)
     if accel.is_main_process:
         result.accuracy = runtime.accuracy(rt)
+        labels = None if rt.data.eval is None else rt.data.eval.labels
+        health.record_accuracy(result.accuracy, labels)
+        health.delta_norms = health_mod.delta_norms(rt.peft)
+        result.health, result.flags = health.to_json(), health.flags()
+        if result.flags and task.optim.on_collapse == "stop":
+            raise AdbError(
+                f"{result.flags[0].message} (optim.on_collapse: stop; nothing was committed)"
+            )
         result.seconds = time.perf_counter() - started
         result.commit_id = commit_expert(store, branch, head, task, rt, result)
     barrier(accel.device)
@@ -179,12 +212,60 @@ def interrupts() -> Iterator[Callable[[], None]]:
         signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
+def single_lr(task: TaskConfig) -> float:
+    """The task's learning rate; a list of candidates is for `adb run` to choose from."""
+    if isinstance(task.optim.lr, list):
+        raise AdbError(
+            f"task {task.name}: optim.lr lists candidates {task.optim.lr}; `adb run` picks one "
+            "per sequence, `adb train` needs a single value"
+        )
+    return task.optim.lr
+
+
+def schedule(opt: torch.optim.Optimizer, task: TaskConfig, steps: int) -> Any:
+    """Linear warmup over `optim.warmup` of the steps, then `optim.schedule` decay towards 0
+    (as HF training scripts do). Stepped once per optimiser step by the loop itself: accelerate's
+    wrapped scheduler would step once per process."""
+    warm = round(task.optim.warmup * steps)
+    kind = task.optim.schedule
+
+    def factor(done: int) -> float:
+        if done < warm:
+            return (done + 1) / (warm + 1)
+        if kind == "constant":
+            return 1.0
+        left = (done - warm) / max(1, steps - warm)
+        return 1.0 - left if kind == "linear" else 0.5 * (1.0 + math.cos(math.pi * left))
+
+    return torch.optim.lr_scheduler.LambdaLR(opt, factor)
+
+
+def _probe(rt: runtime.Runtime) -> Callable[[], float] | None:
+    """The probe batch's feature-cosine check (classifiers only): the first examples of the
+    training split, measured in eval mode so that dropout does not blur it."""
+    if rt.generative or len(rt.data.train) < 2:
+        return None
+    size = min(health_mod.PROBE_SIZE, len(rt.data.train))
+    batch = rt.loaded.collate([rt.data.train[i] for i in range(size)])
+    batch = runtime.on_device(batch, rt.loaded.device)
+    measure = health_mod.feature_probe(rt.loaded.forward_features, batch)
+
+    def probe() -> float:
+        rt.peft.eval()
+        try:
+            return measure()
+        finally:
+            rt.loaded.train(True)
+
+    return probe
+
+
 def diverged(task: TaskConfig, step: int) -> AdbError:
     """A NaN/inf loss or weight stops training before the expert reaches the store: merged
     into the global adapter it would poison every later task."""
     return AdbError(
         f"task {task.name}: training diverged at step {step} (loss or weights not finite); "
-        f"lower optim.lr (now {task.optim.lr:g}) or use optim.precision: fp32"
+        f"lower optim.lr (now {single_lr(task):g}) or use optim.precision: fp32"
     )
 
 
@@ -288,11 +369,31 @@ def commit_expert(
             "align_checks": result.align,
             "align_skipped": result.align_skipped,
             "device": result.device,
+            "health": result.health,
         },
         message=f"train {task.name}",
         extra={"objects": objects, "branch": branch},
     )
     return store.commit(commit, ref=f"{EXPERTS}{branch}/{task.name}")
+
+
+def reuse_expert(store: Store, branch: str, oid: str) -> str:
+    """A finished expert committed again on `branch`: same manifest, task file and statistics,
+    with this branch's head as parent. Training is a function of the task file, so an expert
+    that starts from the base model (ConDU's) is the same in every task order; copying the
+    commit, not pointing at it, keeps each branch's history its own."""
+    c = store.read_commit(oid)
+    head = store.refs.read(f"refs/heads/{branch}")
+    copy = dataclasses.replace(
+        c,
+        parents=(head,) if head else (),
+        time=0.0,
+        author="",
+        provenance={},
+        message=f"{c.message} (reused {oid[:10]})",
+        extra={**c.extra, "branch": branch, "reused_from": oid},
+    )
+    return store.commit(copy, ref=f"{EXPERTS}{branch}/{c.task}")
 
 
 def base_model_id(task: TaskConfig) -> str:

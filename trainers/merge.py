@@ -283,6 +283,18 @@ def experts(store: Store, branch: str) -> dict[str, str]:
     return store.refs.list(f"{EXPERTS}{branch}/")
 
 
+def trained_expert(store: Store, fingerprint: str, task: str) -> str | None:
+    """Any expert of `task` trained with exactly this task file (any branch), if one exists:
+    training is a function of the task file, so `adb run` reuses it instead of repeating it."""
+    for name, oid in store.refs.list(EXPERTS).items():
+        if (
+            name.endswith(f"/{task}")
+            and store.read_commit(oid).params.get("fingerprint") == fingerprint
+        ):
+            return oid
+    return None
+
+
 def newest_unmerged_expert(store: Store, branch: str) -> str:
     """The most recent expert of `branch` that no commit in its history merged yet."""
     head = store.refs.read(f"refs/heads/{branch}")

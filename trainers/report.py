@@ -1,20 +1,32 @@
 """`adb report`: plots and a markdown table of continual runs, from the store's records.
 
-Branches named `run/<method>/<order>` (what `adb run` writes) are grouped by method; any other
-branch is its own group. Headless matplotlib (Agg).
+Branches named `run/<method>/<order>` (what `adb run` writes) are grouped by method and paired
+across methods by order; any other branch is its own group. The table is `adb run`'s
+(trainers/summary.py: mean ± 95% interval over orders, paired differences from the
+baseline), and the bounds are read from the store as `adb run` finds them: zero-shot from the
+base model's eval records, independent experts by their task files' fingerprints.
 """
 
 from __future__ import annotations
 
-import statistics
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 from adapterdb.errors import AdbError
 from adapterdb.storage.store import Store
-from adapterdb.trainers.evaluate import Matrix, accuracy_matrix
-
-METRICS = ("ACC", "BWT", "FWT", "A_t", "A_m", "forgetting")
+from adapterdb.trainers import plots
+from adapterdb.trainers.evaluate import Matrix, accuracy_matrix, lineage_tasks
+from adapterdb.trainers.sequence import METHODS, known_independent
+from adapterdb.trainers.summary import (
+    METRICS,
+    Cells,
+    Runs,
+    baseline,
+    differences_table,
+    order_title,
+    results_table,
+    task_mean,
+)
 
 
 def group_of(branch: str) -> str:
@@ -22,149 +34,117 @@ def group_of(branch: str) -> str:
     return parts[1] if len(parts) == 3 and parts[0] == "run" else branch
 
 
+def order_of(branch: str) -> str:
+    """The order label pairing a branch with other methods' runs of the same task order."""
+    return branch.rsplit("/", 1)[1] if group_of(branch) != branch else branch
+
+
 def run_branches(store: Store) -> list[str]:
-    return [b for b in store.branches() if b.startswith("run/") and group_of(b) != b]
+    """Every `run/<method>/<order>`: methods in `adb run`'s default order, orders by number
+    (run/x/10 after run/x/9)."""
+    found = [b for b in store.branches() if b.startswith("run/") and group_of(b) != b]
+    return sorted(found, key=lambda b: (*_rank(group_of(b)), *_rank(order_of(b))))
 
 
-def collect(store: Store, branches: Sequence[str]) -> dict[str, list[tuple[str, Matrix]]]:
-    groups: dict[str, list[tuple[str, Matrix]]] = {}
+def collect(store: Store, branches: Sequence[str]) -> dict[str, dict[str, Matrix]]:
+    """method -> order label -> accuracy matrix (ConDU's evaluated with its routing)."""
+    groups: dict[str, dict[str, Matrix]] = {}
     for b in branches:
         routing = "condu" if group_of(b) == "condu" else "none"
-        groups.setdefault(group_of(b), []).append((b, accuracy_matrix(store, b, routing)))
+        groups.setdefault(group_of(b), {})[order_of(b)] = accuracy_matrix(store, b, routing)
     return groups
 
 
-def forgetting_curve(m: Matrix) -> list[float | None]:
-    """Average forgetting on seen tasks after each step t: mean_{i<t} (R[i][i] − R[t][i])."""
-    out: list[float | None] = []
-    for t in range(len(m.R)):
-        drops = [
-            m.R[i][i] - m.R[t][i]
-            for i in range(t)
-            if m.R[i][i] is not None and m.R[t][i] is not None
-        ]
-        out.append(statistics.fmean(drops) if drops else (0.0 if t == 0 else None))
-    return out
+def bounds(
+    store: Store, branches: Sequence[str], runs: Runs
+) -> tuple[dict[str, float], dict[str, float]]:
+    """(zero-shot, independent expert) accuracy per task, for the tasks the store holds them
+    for; nothing is trained or evaluated here."""
+    zero_shot = {
+        task: value
+        for mats in runs.values()
+        for m in mats.values()
+        for task, value in zip(m.tasks, m.zero_shot, strict=True)
+        if value is not None
+    }
+    tasks = {t.name: t for b in branches for t in lineage_tasks(store, b)}
+    independent = {
+        name: value
+        for name, task in tasks.items()
+        if (value := known_independent(store, task)) is not None
+    }
+    return zero_shot, independent
 
 
 def write_report(store: Store, branches: Sequence[str], out: Path) -> Path:
     """PNG plots + report.md in `out`; returns the report's path."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     branches = list(branches) or run_branches(store)
     if not branches:
         raise AdbError(
             "no run/<method>/<order> branches here; run `adb run` first or name branches"
         )
-    groups = collect(store, branches)
+    runs = collect(store, branches)
+    zero_shot, independent = bounds(store, branches, runs)
     out.mkdir(parents=True, exist_ok=True)
-
-    fig, ax = plt.subplots(figsize=(6, 4))
-    for method, mats in groups.items():
-        curves = [forgetting_curve(m) for _, m in mats]
-        steps = range(1, len(curves[0]) + 1)
-        mean = [_mean([c[t] for c in curves]) for t in range(len(curves[0]))]
-        ax.plot(
-            steps,
-            [100 * v if v is not None else float("nan") for v in mean],
-            marker="o",
-            label=method,
-        )
-    ax.set_xticks(range(1, max(len(m.R) for mats in groups.values() for _, m in mats) + 1))
-    ax.set_xlabel("step (tasks learned)")
-    ax.set_ylabel("avg. forgetting on seen tasks (points)")
-    ax.set_title("Forgetting over time (lower is better)")
-    ax.legend()
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(out / "forgetting.png", dpi=120)
-    plt.close(fig)
-
+    plots.forgetting_plot(runs, out / "forgetting.png")
+    plots.acc_plot(runs, task_mean(zero_shot), task_mean(independent), out / "acc-per-order.png")
     heatmaps = []
-    for method, mats in groups.items():
-        branch, m = mats[0]
-        fig, ax = plt.subplots(figsize=(1.1 * len(m.tasks) + 2, 0.8 * len(m.tasks) + 1.5))
-        data = [[float("nan") if v is None else 100 * v for v in row] for row in m.R]
-        im = ax.imshow(data, vmin=0, vmax=100, cmap="viridis")
-        for t, row in enumerate(data):
-            for i, v in enumerate(row):
-                if v == v:
-                    ax.text(
-                        i,
-                        t,
-                        f"{v:.0f}",
-                        ha="center",
-                        va="center",
-                        color="w" if v < 60 else "k",
-                        fontsize=8,
-                    )
-        ax.set_xticks(range(len(m.tasks)), m.tasks, rotation=45, ha="right", fontsize=8)
-        ax.set_yticks(range(len(m.tasks)), [f"after {t}" for t in m.tasks], fontsize=8)
-        ax.set_title(f"{method}: R[t][i] (%), {branch}", fontsize=9)
-        fig.colorbar(im, ax=ax, fraction=0.04)
-        fig.tight_layout()
-        name = f"matrix-{method}.png"
-        fig.savefig(out / name, dpi=120)
-        plt.close(fig)
+    for method, mats in runs.items():
+        name = f"matrix-{method.replace('/', '_')}.png"
+        plots.matrix_plot(method, mats, out / name)
         heatmaps.append(name)
-
-    fig, ax = plt.subplots(figsize=(6, 4))
-    width = 0.8 / max(len(groups), 1)
-    for g, (method, mats) in enumerate(groups.items()):
-        accs = [m.metrics()["ACC"] for _, m in mats]
-        xs = [o + g * width for o in range(len(accs))]
-        ax.bar(xs, [100 * (a or 0) for a in accs], width, label=method)
-    ax.set_xlabel("task order")
-    ax.set_ylabel("ACC (%)")
-    ax.set_title("Final accuracy per task order (order sensitivity)")
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(out / "acc-per-order.png", dpi=120)
-    plt.close(fig)
-
-    lines = ["# Continual-learning report", "", table_markdown(groups), ""]
-    lines += [
-        "![forgetting over time](forgetting.png)",
-        "",
-        "![ACC per order](acc-per-order.png)",
-        "",
-    ]
-    lines += [f"![{h}]({h})" for h in heatmaps]
     path = out / "report.md"
-    path.write_text("\n".join(lines) + "\n")
+    path.write_text(report_markdown(runs, zero_shot, independent, heatmaps))
     return path
 
 
-def table_markdown(groups: dict[str, list[tuple[str, Matrix]]]) -> str:
-    head = "| method | orders | " + " | ".join(METRICS) + " |"
-    rows = [head, "|" + " --- |" * (len(METRICS) + 2)]
-    for method, mats in groups.items():
-        cells = []
-        for k in METRICS:
-            mean, std = mean_std([m.metrics()[k] for _, m in mats])
-            cells.append(pm(mean, std if len(mats) > 1 else None))
-        rows.append(f"| {method} | {len(mats)} | " + " | ".join(cells) + " |")
-    return "\n".join(rows)
+def report_markdown(
+    runs: Runs,
+    zero_shot: Mapping[str, float],
+    independent: Mapping[str, float],
+    heatmaps: Sequence[str],
+) -> str:
+    """The tables `adb run` prints, the orders, and the figures."""
+    orders = {o: m.tasks for mats in runs.values() for o, m in mats.items()}
+    lines = [
+        "# Continual-learning report",
+        "",
+        "Accuracy in %: mean ± half-width of the 95% Student-t interval over task orders "
+        "(just the mean for one order). Bounds averaged over tasks.",
+        "",
+        markdown(results_table(runs, zero_shot, independent, METRICS)),
+        "",
+    ]
+    diffs = differences_table(runs)
+    if diffs:
+        lines += [
+            f"Paired difference from {baseline(list(runs))}, order by order, in points: "
+            "mean [95% interval], and on how many orders it was above zero.",
+            "",
+            markdown(diffs),
+            "",
+        ]
+    lines += ["Task orders:", ""]
+    lines += [f"- {order_title(o)}: {' → '.join(tasks)}" for o, tasks in orders.items()]
+    lines += [
+        "",
+        "![forgetting over time](forgetting.png)",
+        "",
+        "![ACC per order](acc-per-order.png)",
+    ]
+    lines += ["", *(f"![{h}]({h})" for h in heatmaps)]
+    return "\n".join(lines) + "\n"
 
 
-def _mean(values: Sequence[float | None]) -> float | None:
-    vals = [v for v in values if v is not None]
-    return statistics.fmean(vals) if vals else None
+def markdown(cells: Cells) -> str:
+    header, rows = cells
+    out = ["| " + " | ".join(header) + " |", "|" + " --- |" * len(header)]
+    out += ["| " + " | ".join(row) + " |" for row in rows]
+    return "\n".join(out)
 
 
-def mean_std(values: Sequence[float | None]) -> tuple[float | None, float | None]:
-    """Mean and population std over task orders; (None, None) when any value is missing."""
-    if not values or any(v is None for v in values):
-        return None, None
-    vals = [float(v) for v in values if v is not None]
-    return statistics.fmean(vals), statistics.pstdev(vals) if len(vals) > 1 else 0.0
-
-
-def pm(mean: float | None, std: float | None) -> str:
-    """'87.1 ± 2.1' in percent; '-' when missing; no '±' part when std is None."""
-    if mean is None:
-        return "-"
-    return f"{100 * mean:.1f}" + ("" if std is None else f" ± {100 * std:.1f}")
+def _rank(name: str) -> tuple[int, str]:
+    """Sort key: a method by its place in METHODS, an order by its number, others by name."""
+    if name in METHODS:
+        return METHODS.index(name), ""
+    return (int(name), "") if name.isdigit() else (len(METHODS), name)

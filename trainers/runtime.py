@@ -16,7 +16,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from adapterdb.errors import AdbError, MismatchError
 from adapterdb.trainers.config import TaskConfig
-from adapterdb.trainers.data import TaskData, load_task_data
+from adapterdb.trainers.data import TaskData, carve_validation, load_task_data
 from adapterdb.trainers.heads import PrototypeHead, class_prototypes
 from adapterdb.trainers.models import LoadedModel, load_model
 
@@ -80,6 +80,8 @@ def build(
     loaded = load_model(task.model, task.data.image_size or 64)
     loaded.to(default_device())
     data = load_task_data(task.data, task.optim.seed)
+    if task.data.validation is not None:
+        data = carve_validation(data, task.data.validation, task.optim.seed)
     if loaded.kind not in GENERATIVE and loaded.head is None:
         if data.num_classes is None:
             raise AdbError(
@@ -125,7 +127,7 @@ def lora_shape(config: Mapping[str, Any]) -> tuple[Any, ...]:
         config.get("r"),
         float(config.get("lora_alpha") or 0),
         repr(targets),
-        config.get("use_rslora"),
+        bool(config.get("use_rslora")),  # PEFT saves False; a task file says nothing
     )
 
 

@@ -5,10 +5,18 @@ For each method and order, branch `run/<method>/<order>`: for every task, train 
 from the branch's global adapter) -> merge it with the method -> evaluate the merged adapter
 on all tasks -> record. Each step's merge commit carries a key hashing the method, its
 parameters and the task prefix, so re-running skips what exists and a killed run resumes.
+
+With `jobs` > 1 the branches run in worker processes (trainers/parallel.py). They share the
+store safely: objects are content-addressed and written by atomic rename, every ref moves by
+compare-and-swap under a lock, and no two jobs write the same ref: each branch owns its head,
+its experts' refs and its merges' eval records; zero-shot records are written by the main
+process before any job starts, and the independent experts, one ref per task, are jobs of
+their own only when no ConDU branch trains them anyway.
 """
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import random
@@ -21,10 +29,12 @@ from adapterdb.merging import registry
 from adapterdb.storage.store import Store
 from adapterdb.trainers import evaluate as ev
 from adapterdb.trainers.config import SequenceConfig, TaskConfig
-from adapterdb.trainers.loop import train
-from adapterdb.trainers.merge import ALIASES, EXPERTS, merge_into
-from adapterdb.trainers.report import mean_std
+from adapterdb.trainers.loop import reuse_expert, train
+from adapterdb.trainers.merge import ALIASES, merge_into, trained_expert
+from adapterdb.trainers.parallel import Job, run_jobs
 from adapterdb.trainers.runtime import RuntimeCache
+from adapterdb.trainers.summary import Runs, mean_std, summary_json
+from adapterdb.trainers.tuning import LrChoice, choose_lr, with_lr
 
 METHODS = ("finetune", "average", "pam", "ties", "magmax", "tall", "condu")
 Say = Callable[[str], None]
@@ -38,6 +48,7 @@ class RunResult:
     zero_shot: dict[str, float] = field(default_factory=dict)
     independent: dict[str, float] = field(default_factory=dict)
     orders: list[list[str]] = field(default_factory=list)
+    lr: LrChoice | None = None  # the learning rate every method trained with, and why
 
     def table(self) -> dict[str, dict[str, tuple[float | None, float | None]]]:
         """method -> metric -> (mean, std over orders)."""
@@ -50,12 +61,18 @@ class RunResult:
             }
         return out
 
+    def runs(self) -> Runs:
+        """method -> order index (as a label) -> matrix: what the summaries pair orders by."""
+        return {m: {str(o): x for o, x in enumerate(mats)} for m, mats in self.matrices.items()}
+
     def to_json(self) -> dict[str, Any]:
         return {
             "orders": self.orders,
+            "lr": None if self.lr is None else self.lr.to_json(),
             "zero_shot": self.zero_shot,
             "independent": self.independent,
             "table": self.table(),
+            **summary_json(self.runs()),
             "matrices": {m: [x.to_json() for x in mats] for m, mats in self.matrices.items()},
         }
 
@@ -96,31 +113,111 @@ def run_sequence(
     seed: int = 0,
     top_k: int = 4,
     say: Say = print,
+    jobs: int = 1,
 ) -> RunResult:
-    """Run every method over every order (resuming), then assemble matrices and bounds."""
+    """Run every method over every order (resuming), then assemble matrices and bounds.
+
+    `jobs` > 1 runs the branches on that many worker processes; 1 runs them here, in turn.
+    """
     unknown = [m for m in methods if m not in METHODS]
     if unknown:
         raise AdbError(f"unknown method(s) {', '.join(unknown)}; choose from {', '.join(METHODS)}")
-    tasks = list(seq.tasks)
     cache = RuntimeCache()
     evaluator = ev.Evaluator(cache)
     result = RunResult()
+    result.lr = choose_lr(store, seq.tasks, cache, say)
+    tasks = [with_lr(t, result.lr.chosen) for t in seq.tasks]
     result.zero_shot = ev.zero_shot(store, tasks, evaluator)
     say(f"zero-shot: {_fmt(result.zero_shot)}")
     all_orders = task_orders(tasks, orders, seed)
     result.orders = [[t.name for t in o] for o in all_orders]
+    if jobs > 1:
+        run_jobs(_parallel_jobs(store, methods, all_orders, tasks, top_k), jobs, say)
+    else:
+        for method in methods:
+            for o, order in enumerate(all_orders):
+                _run_branch(store, method, o, order, tasks, top_k, cache, evaluator, say)
     for method in methods:
-        params = registry.parse_params(ALIASES.get(method, method), [])
-        for o, order in enumerate(all_orders):
-            branch = f"run/{method}/{o}"
-            for t in range(len(order)):
-                _step(store, branch, method, params, order, t, tasks, top_k, cache, evaluator, say)
-            routing = "condu" if method == "condu" else "none"
-            result.matrices.setdefault(method, []).append(
-                ev.accuracy_matrix(store, branch, routing)
-            )
+        routing = "condu" if method == "condu" else "none"
+        result.matrices[method] = [
+            ev.accuracy_matrix(store, branch_name(method, o), routing)
+            for o in range(len(all_orders))
+        ]
     result.independent = _independent(store, tasks, cache, say)
     return result
+
+
+def branch_name(method: str, order: int) -> str:
+    return f"run/{method}/{order}"
+
+
+def _run_branch(
+    store: Store,
+    method: str,
+    o: int,
+    order: Sequence[TaskConfig],
+    tasks: Sequence[TaskConfig],
+    top_k: int,
+    cache: RuntimeCache,
+    evaluator: ev.Evaluator,
+    say: Say,
+) -> None:
+    """Every step of one (method, order) branch; steps it already holds are checked, not redone."""
+    params = registry.parse_params(ALIASES.get(method, method), [])
+    branch = branch_name(method, o)
+    for t in range(len(order)):
+        _step(store, branch, method, params, order, t, tasks, top_k, cache, evaluator, say)
+
+
+def _parallel_jobs(
+    store: Store,
+    methods: Sequence[str],
+    orders: Sequence[Sequence[TaskConfig]],
+    tasks: Sequence[TaskConfig],
+    top_k: int,
+) -> list[Job]:
+    """One job per branch, plus one per missing independent expert unless a ConDU branch
+    trains it (ConDU's experts are the independent ones; two jobs would train it twice)."""
+    root = str(store.root)
+    out: list[Job] = [
+        (_branch_job, (root, method, o, list(order), list(tasks), top_k))
+        for method in methods
+        for o, order in enumerate(orders)
+    ]
+    if "condu" not in methods:
+        out += [
+            (_independent_job, (root, task))
+            for task in tasks
+            if known_independent(store, task) is None
+        ]
+    return out
+
+
+@functools.cache
+def _worker_runtimes() -> tuple[RuntimeCache, ev.Evaluator]:
+    """One runtime cache per worker process, shared by its jobs as one process shares one."""
+    cache = RuntimeCache()
+    return cache, ev.Evaluator(cache)
+
+
+def _branch_job(
+    root: str,
+    method: str,
+    o: int,
+    order: list[TaskConfig],
+    tasks: list[TaskConfig],
+    top_k: int,
+    say: Say,
+) -> None:
+    """A worker's job: one branch, on the store at `root`."""
+    cache, evaluator = _worker_runtimes()
+    _run_branch(Store.open(root), method, o, order, tasks, top_k, cache, evaluator, say)
+
+
+def _independent_job(root: str, task: TaskConfig, say: Say) -> None:
+    """A worker's job: one independent expert, on the store at `root`."""
+    cache, _ = _worker_runtimes()
+    _train_independent(Store.open(root), task, cache, say)
 
 
 def _step(
@@ -146,20 +243,39 @@ def _step(
             )
         merged = steps[t][0]
     else:
-        task = method_task(order[t], method)
-        result = train(task, store, branch, cache=cache)
-        secs, acc = result.seconds, result.accuracy
-        say(f"{branch} {t + 1}: {task.name} trained ({secs:.0f}s) A_t {acc:.3f}")
-        assert result.commit_id is not None
-        outcome = merge_into(
-            store, branch, method, params, [result.commit_id], extra={"step_key": key}
-        )
+        expert = _expert(store, branch, method, order[t], t, cache, say)
+        outcome = merge_into(store, branch, method, params, [expert], extra={"step_key": key})
         merged = outcome.commit_id
     routing = "condu" if method == "condu" else "none"
     if set(ev.eval_records(store, merged, routing)) >= {x.name for x in tasks}:
         return
     res = ev.evaluate(store, merged, tasks, routing, top_k, evaluator)
     say(f"{branch} step {t + 1}: {_fmt(res.accuracy)}")
+
+
+def _expert(
+    store: Store,
+    branch: str,
+    method: str,
+    task: TaskConfig,
+    t: int,
+    cache: RuntimeCache,
+    say: Say,
+) -> str:
+    """The expert step t merges: trained now, or, when it starts from the base model (ConDU),
+    the identical one another order already trained (same task file, same weights)."""
+    task = method_task(task, method)
+    if task.init == "fresh":
+        found = trained_expert(store, task.fingerprint(), task.name)
+        if found is not None:
+            return reuse_expert(store, branch, found)
+    result = train(task, store, branch, cache=cache)
+    secs, acc = result.seconds, result.accuracy
+    say(f"{branch} {t + 1}: {task.name} trained ({secs:.0f}s) A_t {acc:.3f}")
+    for flag in result.flags:
+        say(f"{branch} {t + 1}: warning: {flag.message}")
+    assert result.commit_id is not None
+    return result.commit_id
 
 
 def _independent(
@@ -172,25 +288,26 @@ def _independent(
     """
     out = {}
     for task in tasks:
-        solo = method_task(task, "condu")
-        found = _expert_with(store, solo.fingerprint(), task.name)
-        if found is None:
-            result = train(solo, store, "run/independent", cache=cache)
-            say(f"independent {task.name}: {result.accuracy:.3f}")
-            out[task.name] = result.accuracy
-        else:
-            out[task.name] = found
+        found = known_independent(store, task)
+        out[task.name] = found if found is not None else _train_independent(store, task, cache, say)
     return out
+
+
+def known_independent(store: Store, task: TaskConfig) -> float | None:
+    """A_t of `task`'s independent expert, if the store holds one (`adb report` reads it)."""
+    return _expert_with(store, method_task(task, "condu").fingerprint(), task.name)
+
+
+def _train_independent(store: Store, task: TaskConfig, cache: RuntimeCache, say: Say) -> float:
+    result = train(method_task(task, "condu"), store, "run/independent", cache=cache)
+    say(f"independent {task.name}: {result.accuracy:.3f}")
+    return result.accuracy
 
 
 def _expert_with(store: Store, fingerprint: str, task: str) -> float | None:
     """A_t of any expert of `task` trained with exactly this task file, if one exists."""
-    for name, oid in store.refs.list(EXPERTS).items():
-        if name.endswith(f"/{task}"):
-            c = store.read_commit(oid)
-            if c.params.get("fingerprint") == fingerprint:
-                return c.eval["accuracy"][task]
-    return None
+    found = trained_expert(store, fingerprint, task)
+    return None if found is None else store.read_commit(found).eval["accuracy"][task]
 
 
 def _fmt(acc: dict[str, float]) -> str:

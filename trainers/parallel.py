@@ -1,0 +1,70 @@
+"""Independent jobs in worker processes, their progress lines relayed to the caller.
+
+Workers are forked from a fork server, not from the caller: forking a process that has
+started torch's thread pools (or CUDA) can deadlock the child. The server is a fresh process
+that imports the jobs' modules once, before any torch work, so each worker starts without
+paying for the imports again. Each worker runs one torch thread, so N workers use about N
+cores. A job
+is a module-level function (it is pickled by name) and its arguments, called as
+`fn(*args, say=...)`; whatever it says reaches the caller's `say`, in the caller's process,
+while the jobs run.
+"""
+
+from __future__ import annotations
+
+import multiprocessing as mp
+from collections.abc import Callable, Sequence
+from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
+from multiprocessing.queues import SimpleQueue
+from typing import Any
+
+Say = Callable[[str], None]
+Job = tuple[Callable[..., None], tuple[Any, ...]]
+_lines: SimpleQueue[str] | None = None  # in a worker: where its progress lines go
+
+
+def run_jobs(jobs: Sequence[Job], workers: int, say: Say) -> None:
+    """Run every `(fn, args)` job on `workers` processes; raise the first failure.
+
+    After a failure, jobs not yet started are cancelled and running ones finish (relaying
+    their lines meanwhile, so none blocks on a full pipe): every job leaves the store
+    consistent when it stops, so a re-run resumes from what they wrote.
+    """
+    ctx = mp.get_context("forkserver")
+    ctx.set_forkserver_preload(sorted({fn.__module__ for fn, _ in jobs}))
+    lines: SimpleQueue[str] = ctx.SimpleQueue()
+    failure: BaseException | None = None
+    with ProcessPoolExecutor(
+        workers, mp_context=ctx, initializer=_start_worker, initargs=(lines,)
+    ) as pool:
+        pending: set[Future[None]] = {pool.submit(_call, fn, args) for fn, args in jobs}
+        while pending:
+            done, pending = wait(pending, timeout=0.2, return_when=FIRST_COMPLETED)
+            _relay(lines, say)
+            for future in done:
+                if failure is None and not future.cancelled() and future.exception():
+                    failure = future.exception()
+                    for other in pending:
+                        other.cancel()
+        _relay(lines, say)
+    if failure is not None:
+        raise failure
+
+
+def _start_worker(lines: SimpleQueue[str]) -> None:
+    """One torch thread per worker: the workers, not torch's threads, share the cores."""
+    import torch
+
+    global _lines
+    _lines = lines
+    torch.set_num_threads(1)
+
+
+def _call(fn: Callable[..., None], args: tuple[Any, ...]) -> None:
+    assert _lines is not None, "jobs run only in workers started by run_jobs"
+    fn(*args, say=_lines.put)
+
+
+def _relay(lines: SimpleQueue[str], say: Say) -> None:
+    while not lines.empty():
+        say(lines.get())
