@@ -3,8 +3,9 @@
 setting and several seeds, with the health figures `adb train` records for every expert plus
 how many of EfficientNet's last ReLU6 units still pass a gradient.
 
-    python bench/collapse.py --schedule constant --no-clip --seeds 0-7 --lr 3e-3
-    python bench/collapse.py --schedule cosine --seeds 0-7 --lr 3e-3   (the defaults)
+    python bench/collapse.py --schedule constant --seeds 0-7   (the old defaults)
+    python bench/collapse.py --schedule cosine --seeds 0-7     (the new ones)
+    python bench/collapse.py --schedule cosine --clip --seeds 0-7   (plus clipping at 1.0)
 
 Prints one JSON line per (seed, task) and a summary line; bench/RESULTS.md ("Collapse") quotes
 them. A run counts as collapsed when its expert is flagged by the health checks.
@@ -38,7 +39,7 @@ def variant(task: TaskConfig, args: argparse.Namespace, seed: int) -> TaskConfig
             "lr": args.lr,
             "schedule": args.schedule,
             "warmup": args.warmup,
-            "max_grad_norm": None if args.no_clip else 1.0,
+            "max_grad_norm": 1.0 if args.clip else None,
             "seed": seed,
         }
     )
@@ -95,7 +96,7 @@ def main() -> None:
     parser.add_argument("--lr", type=float, default=3e-3)
     parser.add_argument("--schedule", default="cosine", choices=["constant", "linear", "cosine"])
     parser.add_argument("--warmup", type=float, default=None)
-    parser.add_argument("--no-clip", action="store_true")
+    parser.add_argument("--clip", action="store_true", help="clip gradients at norm 1.0")
     parser.add_argument("--seeds", default="0-3")
     args = parser.parse_args()
     if args.warmup is None:
@@ -108,7 +109,7 @@ def main() -> None:
         "lr": args.lr,
         "schedule": args.schedule,
         "warmup": args.warmup,
-        "clip": not args.no_clip,
+        "clip": args.clip,
         "runs": len(seeds(args.seeds)),
         "collapsed_experts": len(collapsed),
         "runs_with_a_collapse": len({r["seed"] for r in collapsed}),

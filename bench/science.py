@@ -113,12 +113,16 @@ def summarise(folder: Path, name: str) -> dict[str, Any]:
     doc = {
         "lr": run["lr"],
         "orders": run["orders"],
-        "table": {m: {k: cell(metric(run, m, k)) for k in COLUMNS} for m in run["matrices"]},
+        "table": {
+            m: {k: cell(metric(run, m, k)) for k in COLUMNS}
+            for m in ("finetune", *MERGERS)
+            if m in run["matrices"]
+        },
         "flagged": run["flagged"],
         "differences_vs_average": {
             m: {k: pts(diff(run, m, "average", k)) for k in ("ACC", "BWT")}
-            for m in run["matrices"]
-            if m != "average"
+            for m in ("finetune", *MERGERS)
+            if m in run["matrices"] and m != "average"
         },
         "claims": claims(run),
         "wall_seconds": float((folder / f"{name}.time").read_text().split()[0]),

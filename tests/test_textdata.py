@@ -42,7 +42,8 @@ def write_wordnet(folder: Path) -> Path:
             kind = name.split(".")[1]
             for i in range(PER_CLASS):
                 words = [f"{kind}_{i}", f"{kind}{i}(a)"] if i % 7 == 0 else [f"{kind}_{i}"]
-                lines.append(_line(offset, name, pos, words, f"a {kind} thing number {i}"))
+                gloss = f"a {kind} thing number {i}" + ('; "an example"' if i % 5 == 0 else "")
+                lines.append(_line(offset, name, pos, words, gloss))
                 offset += len(lines[-1])
         (folder / f"data.{pos}").write_text("".join(lines))
     return folder
@@ -54,12 +55,13 @@ def wordnet(tmp_path: Path) -> Path:
     return write_wordnet(tmp_path / "dict")
 
 
-def test_text_is_words_then_gloss(wordnet: Path) -> None:
+def test_text_is_words_then_definition(wordnet: Path) -> None:
     synsets = textdata.read_data_file(wordnet, "noun")
     assert len(synsets) == 3 * PER_CLASS
     first = synsets[0]
     assert first.lexname == "noun.animal" and first.pos == "noun"
-    # underscores become spaces, adjective markers like (a) go, the gloss follows a colon
+    # underscores become spaces, adjective markers like (a) go, the definition follows a
+    # colon, and the gloss's quoted usage examples are cut off
     assert first.text == "animal 0, animal0: a animal thing number 0"
     assert synsets[1].text == "animal 1: a animal thing number 1"
 
@@ -84,7 +86,7 @@ def test_classes_select_and_relabel_in_the_given_order(wordnet: Path) -> None:
     assert set(labels) == {0, 1}
     for text, label in zip(texts, labels, strict=True):
         assert text.startswith(("motion", "plant")[label])
-    with pytest.raises(AdbError, match="'noun.dog' is not a WordNet supersense"):
+    with pytest.raises(AdbError, match=r"'noun\.dog' is not a WordNet supersense"):
         load_supersenses(wordnet, "train", ["noun.dog", "noun.plant"])
 
 
@@ -201,3 +203,5 @@ def test_real_bundled_tasks_have_enough_examples() -> None:
         assert len(data.eval) == task.data.eval_limit
         counts = torch.bincount(data.eval.labels, minlength=data.num_classes)
         assert int(counts.max() - counts.min()) <= 1, (task.name, counts)
+        train = {data.train[i]["text"] for i in range(len(data.train))}
+        assert not train & {data.eval[i]["text"] for i in range(len(data.eval))}

@@ -77,10 +77,14 @@ def _pop(section: str | None, key: str) -> Any:
 # (mutation, substrings the one-line message must contain: field, value, what is allowed)
 WRONG = [
     (_set("optim", precision="fp8"), ["optim.precision", "'fp8'", "fp32, bf16, fp16"]),
-    (_set("optim", momentum=0.9), ["optim.momentum", "0.9", "not a known field", "lr, steps"]),
+    (_set("optim", momentum=0.9), ["optim.momentum", "0.9", "not a known field", "lr, schedule"]),
     (_set(None, extra=1), ["extra", "not a known field", "name, model, data"]),
-    (_set("optim", lr="fast"), ["optim.lr", "'fast'", "valid number"]),
-    (_set("optim", lr=0), ["optim.lr", "= 0", "greater than 0"]),
+    (_set("optim", lr="fast"), ["optim.lr", "'fast'", "a number > 0"]),
+    (_set("optim", lr=0), ["optim.lr", "= 0", "a number > 0"]),
+    (_set("optim", lr=[1e-3, 1e-3]), ["optim.lr", "[0.001, 0.001]", "distinct"]),
+    (_set("optim", schedule="step"), ["optim.schedule", "'step'", "constant, linear, cosine"]),
+    (_set("optim", on_collapse="ignore"), ["optim.on_collapse", "'ignore'", "warn, stop"]),
+    (_set("optim", warmup=1.0), ["optim.warmup", "1.0", "less than 1"]),
     (_set("optim", steps=1.5), ["optim.steps", "1.5", "valid integer"]),
     (_set("optim", epochs=3), ["optim", "exactly one of steps or epochs"]),
     (_set("lora", r=0), ["lora.r", "= 0", "greater than or equal to 1"]),

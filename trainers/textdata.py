@@ -1,7 +1,9 @@
 """WordNet supersenses: real text for classification, offline (`builtin: wordnet-supersenses`).
 
-Every WordNet synset is one example. Its text is its words and its gloss, as a dictionary
-prints them ("dog, domestic dog, Canis familiaris: a member of the genus Canis ..."), and its
+Every WordNet synset is one example. Its text is its words and its definition, as a
+dictionary prints them ("dog, domestic dog, Canis familiaris: a member of the genus Canis
+..."), without the usage examples that some glosses add after the definition (`; "the dog
+barked all night"`: one noun synset in ten has them; they lengthen every batch), and its
 label is the synset's lexicographer file, its *supersense*: `noun.animal`, `noun.food`,
 `verb.motion`, ... (the 45 names of `man 5 lexnames`, in LEXNAMES). Classes are chosen by
 name: `classes: [noun.plant, noun.animal]` makes noun.plant class 0.
@@ -139,7 +141,9 @@ def _word(word: str) -> str:
 
 
 def _text(words: list[str], gloss: str) -> str:
-    return f"{', '.join(words)}: {gloss.strip()}"
+    """'word, word: definition', the gloss's quoted usage examples cut off."""
+    definition = gloss.split('; "', 1)[0].strip()
+    return f"{', '.join(words)}: {definition or gloss.strip()}"
 
 
 def _some_names() -> str:
