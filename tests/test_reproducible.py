@@ -54,7 +54,7 @@ def test_a_cached_runtime_trains_the_same_expert_as_a_new_one(tasks, tmp_path: P
 
 
 def test_an_expert_started_from_an_adapter_is_the_same_cached_or_not(tasks, tmp_path) -> None:
-    t1, t2 = tasks
+    _, t2 = tasks
     store = Store.init(tmp_path)
     cache = runtime.RuntimeCache()
     start = expert(store, loop.train(t2, store, "seed", cache=cache).commit_id)
