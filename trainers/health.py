@@ -166,8 +166,9 @@ class Health:
             "at_chance",
             len(self.losses),
             self.accuracy,
-            f"task {self.task}: A_t = {self.accuracy:.3f} is at chance (majority class "
-            f"{self.chance:.3f} ± {band:.3f} on {self.eval_size} examples); {self._advice()}",
+            f"task {self.task}: A_t = {self.accuracy:.3f} after step {len(self.losses)} is at "
+            f"chance (majority class {self.chance:.3f} ± {band:.3f} on {self.eval_size} "
+            f"examples); {self._advice()}",
         )
 
     def _advice(self) -> str:
