@@ -87,7 +87,8 @@ def claims(run: dict) -> list[tuple[str, str, str]]:
         (
             "the best method is near the independent-experts bound",
             "held" if gap <= 0.05 else "not held",
-            f"{best} is {100 * gap:.1f} points under it (near: ≤ 5 points)",
+            f"{best} is {100 * abs(gap):.1f} points {'under' if gap >= 0 else 'above'} it "
+            "(near: ≤ 5 points under)",
         )
     )
     return out
