@@ -16,7 +16,8 @@ LOCKVENV := .venv-lock
 $(PY):
 	python3 -m venv $(VENV)
 
-$(STAMP): $(LOCK) pyproject.toml | $(PY)
+# setup.py builds the codec's C kernel (storage/_planes.c) in place: edits to it reinstall.
+$(STAMP): $(LOCK) pyproject.toml setup.py storage/_planes.c | $(PY)
 	$(PIP) install -q --disable-pip-version-check --require-hashes -r $(LOCK)
 	$(PIP) install -q --disable-pip-version-check --no-deps -e .
 	touch $(STAMP)
@@ -50,4 +51,4 @@ bench: $(STAMP)
 	$(PY) bench/merge_bench.py
 
 clean:
-	rm -rf $(VENV) $(LOCKVENV) build dist *.egg-info
+	rm -rf $(VENV) $(LOCKVENV) build dist *.egg-info storage/*.so

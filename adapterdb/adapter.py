@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from adapterdb.atomic_folder import check_complete, write_folder, write_text
 from adapterdb.errors import AdbError, NotFoundError
 from adapterdb.tensorfile import RawTensor, read_safetensors, write_safetensors
 
@@ -25,6 +26,7 @@ if TYPE_CHECKING:
 
 CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
+LORA_A, LORA_B = ".lora_A.weight", ".lora_B.weight"
 
 
 @dataclass
@@ -41,7 +43,7 @@ def check_finite(tensors: Mapping[str, RawTensor], where: str) -> None:
     for name, t in tensors.items():
         if t.nonfinite():
             raise AdbError(
-                f"{where}: tensor '{name}' contains NaN or inf; fix the training run that "
+                f"{where}: tensor {name[:80]!r} contains NaN or inf; fix the training run that "
                 "produced it (or drop the tensor) before importing"
             )
 
@@ -60,7 +62,57 @@ def read_peft_config(path: Path) -> dict[str, Any]:
         raise AdbError(f"{cfg_path} is not valid JSON; re-save the adapter") from None
     if not isinstance(config, dict):
         raise AdbError(f"{cfg_path} must hold a JSON object, not {type(config).__name__}")
+    check_lora_config(config, str(cfg_path))
     return config
+
+
+def check_lora_config(config: Mapping[str, Any], where: str) -> None:
+    """Refuse LoRA settings that merge and diff compute with: found at import, not as a crash
+    in a later merge. Keys PEFT fills with defaults may be absent, never of the wrong type."""
+    for key in ("r", "lora_alpha"):
+        if key in config:
+            _check_setting(config[key], f"{key} = {config[key]!r}", where, whole=key == "r")
+    for key in ("alpha_pattern", "rank_pattern"):
+        pattern = config.get(key)
+        if pattern is not None and not isinstance(pattern, dict):
+            raise AdbError(
+                f"{where}: {key} must map module names to numbers, not "
+                f"{type(pattern).__name__}; fix it or re-save the adapter with PEFT"
+            )
+        for module, value in (pattern or {}).items():
+            what = f"{key}[{module[:40]!r}] = {value!r}"
+            _check_setting(value, what, where, whole=key == "rank_pattern")
+    if not isinstance(config.get("use_rslora", False), bool):
+        raise AdbError(f"{where}: use_rslora must be true or false; fix it or re-save the adapter")
+
+
+def _check_setting(value: Any, what: str, where: str, whole: bool) -> None:
+    """A rank is a whole number >= 1; an alpha a finite number (bool is neither)."""
+    number = isinstance(value, int | float) and not isinstance(value, bool)
+    if whole and not (number and type(value) is int and value >= 1):
+        raise AdbError(f"{where}: {what[:80]} is not a LoRA rank (a whole number >= 1); fix it")
+    if not whole and not (number and math.isfinite(value)):
+        raise AdbError(f"{where}: {what[:80]} is not a finite number; fix it or re-save it")
+
+
+def check_lora_shapes(tensors: Mapping[str, RawTensor], where: str) -> None:
+    """LoRA factors of rank >= 1 whose A and B agree on the rank: a rank-0 or mismatched pair
+    imports fine and crashes merge later."""
+    for name, t in tensors.items():
+        if not name.endswith((LORA_A, LORA_B)):
+            continue
+        axis = 0 if name.endswith(LORA_A) else 1
+        if len(t.shape) < 2 or t.shape[axis] < 1:
+            raise AdbError(
+                f"{where}: tensor {name[:80]!r} has shape {list(t.shape)}, not a LoRA factor "
+                "of rank >= 1; drop the layer or re-train it with r >= 1"
+            )
+        partner = tensors.get(name[: -len(LORA_A)] + LORA_B) if axis == 0 else None
+        if partner is not None and len(partner.shape) >= 2 and partner.shape[1] != t.shape[0]:
+            raise AdbError(
+                f"{where}: tensor {name[:80]!r} has rank {t.shape[0]} but its lora_B has rank "
+                f"{partner.shape[1]}; re-save the adapter with PEFT"
+            )
 
 
 def read_peft_raw(
@@ -70,6 +122,7 @@ def read_peft_raw(
     folder = Path(path)
     if not folder.is_dir():
         raise NotFoundError(f"{folder} is not a folder; pass a PEFT adapter folder")
+    check_complete(folder)
     config = read_peft_config(folder)
     weights = folder / WEIGHTS_FILE
     if not weights.is_file():
@@ -81,6 +134,7 @@ def read_peft_raw(
     if not tensors:
         raise AdbError(f"{weights} holds no tensors; nothing to import")
     check_finite(tensors, str(weights))
+    check_lora_shapes(tensors, str(weights))
     return config, tensors, metadata
 
 
@@ -90,14 +144,18 @@ def write_peft_raw(
     tensors: Mapping[str, RawTensor],
     metadata: Mapping[str, str] | None = None,
 ) -> Path:
-    """Write a PEFT folder from raw tensors; each file lands atomically."""
-    folder = Path(path)
-    folder.mkdir(parents=True, exist_ok=True)
-    write_safetensors(folder / WEIGHTS_FILE, tensors, {"format": "pt", **(metadata or {})})
-    tmp = folder / f".{CONFIG_FILE}.tmp{os.getpid()}"
-    tmp.write_text(json.dumps(dict(config), indent=2, sort_keys=True) + "\n")
-    os.replace(tmp, folder / CONFIG_FILE)
-    return folder
+    """Write a PEFT folder from raw tensors: config and weights land together, as one unit
+    (a kill never leaves weights without their config, see atomic_folder.py)."""
+    text = json.dumps(dict(config), indent=2, sort_keys=True) + "\n"
+    return write_folder(
+        path,
+        {
+            WEIGHTS_FILE: lambda p: write_safetensors(
+                p, tensors, {"format": "pt", **(metadata or {})}
+            ),
+            CONFIG_FILE: lambda p: write_text(p, text),
+        },
+    )
 
 
 def load_peft(path: str | os.PathLike[str]) -> Adapter:
@@ -157,8 +215,12 @@ def lora_scale(config: Mapping[str, Any], module: str, rank: int) -> float:
     """The LoRA scaling s in ΔW = B·A·s for one module, as PEFT computes it.
 
     Honours `alpha_pattern`/`rank_pattern` (matched on the module name's suffix, as PEFT
-    does) and `use_rslora` (s = α/√r instead of α/r).
+    does) and `use_rslora` (s = α/√r instead of α/r). Configs stored before import checked
+    them are checked here too: a bad one is one line, not a crash mid-merge.
     """
+    check_lora_config(config, "the adapter's stored adapter_config.json")
+    if rank < 1:
+        raise AdbError(f"LoRA factors of '{module}' have rank {rank}; drop the layer or re-train")
     alpha = float(config.get("lora_alpha", rank))
     for key, value in (config.get("alpha_pattern") or {}).items():
         if module == key or module.endswith("." + key):

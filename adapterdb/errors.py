@@ -23,6 +23,20 @@ class CorruptObjectError(AdbError):
     exit_code = 3
 
 
+class SchemaViolationError(CorruptObjectError):
+    """A stored document whose bytes hash fine but break its schema: no backup can fix it,
+    so `fsck --repair` may forget reflog values naming it."""
+
+
+class CorruptStateError(AdbError):
+    """A damaged file of the store's mutable state: a ref, HEAD, FORMAT or a reflog line.
+
+    Its own class so that `fsck` can collect these and go on, where reads of objects stop.
+    """
+
+    exit_code = 3
+
+
 class ConflictError(AdbError):
     """A ref moved under us: another writer committed first."""
 

@@ -13,9 +13,10 @@ from typing import Any
 
 import torch
 
+from adapterdb.adapter import LORA_A as _A
+from adapterdb.adapter import LORA_B as _B
 from adapterdb.adapter import lora_scale
-
-_A, _B = ".lora_A.weight", ".lora_B.weight"
+from adapterdb.errors import MismatchError
 
 
 @dataclass(frozen=True)
@@ -50,8 +51,11 @@ def rank_of(a: torch.Tensor) -> int:
 
 def delta_weight(a: torch.Tensor, b: torch.Tensor, scale: float) -> torch.Tensor:
     """ΔW = B·A·scale in float32, shaped like the adapted weight (2-D or conv 4-D)."""
-    if a.shape[0] != b.shape[1]:
-        raise ValueError(f"LoRA rank mismatch: A has rank {a.shape[0]}, B has {b.shape[1]}")
+    if a.dim() < 2 or b.dim() < 2 or a.shape[0] != b.shape[1]:
+        raise MismatchError(
+            f"LoRA factors do not pair: A is {list(a.shape)}, B is {list(b.shape)}; "
+            "re-save the adapter with PEFT"
+        )
     prod = b.flatten(1).float() @ a.flatten(1).float()
     if a.dim() > 2:
         prod = prod.reshape(b.shape[0], *a.shape[1:])

@@ -84,28 +84,30 @@ def read_safetensors(path: str | os.PathLike[str]) -> tuple[dict[str, RawTensor]
             raise _bad(path, "header length out of range")
         try:
             header = json.loads(f.read(n))
-        except (json.JSONDecodeError, UnicodeDecodeError):
+        except (ValueError, RecursionError):  # also bad UTF-8, and ints too long to parse
             raise _bad(path, "header is not JSON") from None
         buf = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) if size > 8 + n else b""
     if not isinstance(header, dict):
         raise _bad(path, "header is not a JSON object")
     metadata = header.pop("__metadata__", None) or {}
+    if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
+        raise _bad(path, "__metadata__ must map strings to strings")
     body = np.frombuffer(buf, dtype=np.uint8, offset=8 + n) if buf else np.empty(0, np.uint8)
     tensors: dict[str, RawTensor] = {}
     for name, info in header.items():
         try:
             dtype, shape, (start, end) = info["dtype"], tuple(info["shape"]), info["data_offsets"]
         except (KeyError, TypeError, ValueError):
-            raise _bad(path, f"tensor '{name}' has a malformed header entry") from None
+            raise _bad(path, f"tensor {name[:80]!r} has a malformed header entry") from None
         if not all(type(v) is int and v >= 0 for v in (*shape, start, end)):
-            raise _bad(path, f"tensor '{name}' has a shape or offsets that are not counts")
+            raise _bad(path, f"tensor {name[:80]!r} has a shape or offsets that are not counts")
         if not isinstance(dtype, str) or dtype not in DTYPES:
-            raise _bad(path, f"tensor '{name}' has unsupported dtype {dtype}")
+            raise _bad(path, f"tensor {name[:80]!r} has unsupported dtype {str(dtype)[:20]!r}")
         raw = RawTensor(dtype, shape, body[start:end])
         if not 0 <= start <= end <= body.size or end - start != raw.numel * raw.itemsize:
-            raise _bad(path, f"tensor '{name}' has data offsets that do not match its shape")
+            raise _bad(path, f"tensor {name[:80]!r} has data offsets that do not match its shape")
         tensors[name] = raw
-    return tensors, {str(k): str(v) for k, v in metadata.items()}
+    return tensors, metadata
 
 
 def write_safetensors(

@@ -35,6 +35,10 @@ def root(
 
 
 def _register() -> None:
+    """Add every verb once: `main` runs many times in one process under the tests, and each
+    duplicate registration made the next command's start-up slower."""
+    if app.registered_commands:
+        return
     from adapterdb.cli import evaluate, history, maintenance, merge, run, train
 
     for module in (history, maintenance, merge, train, evaluate, run):
@@ -62,6 +66,11 @@ def quiet_libraries() -> None:
         ("TOKENIZERS_PARALLELISM", "false"),
     ):
         os.environ.setdefault(key, value)
+    # Imported already (adb called in-process, as the tests do): too late for the variables.
+    if "transformers" in sys.modules:
+        sys.modules["transformers"].utils.logging.disable_progress_bar()
+    if "datasets" in sys.modules:
+        sys.modules["datasets"].disable_progress_bars()
     import warnings
 
     warnings.filterwarnings("ignore", category=FutureWarning)

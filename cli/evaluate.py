@@ -7,9 +7,11 @@ from pathlib import Path
 import typer
 from rich.table import Table
 
+from adapterdb.cli.checks import at_least, one_of
 from adapterdb.cli.history import JSON
 from adapterdb.cli.output import console, emit_json, fmt, short
 from adapterdb.cli.train import THREADS, set_threads
+from adapterdb.errors import AdbError
 from adapterdb.storage.store import Store
 
 METRICS = ("ACC", "BWT", "FWT", "A_t", "A_m", "forgetting")
@@ -23,7 +25,9 @@ def eval_(
     routing: str = typer.Option(
         "none", "--routing", help="none, or condu (task id unknown: top-K experts)."
     ),
-    top_k: int = typer.Option(4, "--top-k", help="ConDU routing: experts per input."),
+    top_k: int = typer.Option(
+        None, "--top-k", help="ConDU routing: experts per input (default 4)."
+    ),
     metrics: bool = typer.Option(
         False, "--metrics", help="Print the branch's accuracy matrix and CL metrics."
     ),
@@ -40,6 +44,16 @@ def eval_(
     from adapterdb.trainers import evaluate as ev
     from adapterdb.trainers.config import load_task
 
+    one_of("--routing", routing, ("none", "condu"))
+    at_least("--top-k", top_k, 1, "the experts routed to per input")
+    at_least("--threads", threads, 1, "the number of CPU threads")
+    if top_k is not None and routing != "condu":
+        raise AdbError("--top-k only applies to --routing condu; drop it or add --routing condu")
+    if metrics and (tasks or more_tasks or zero_shot):
+        raise AdbError(
+            "--metrics prints the accuracy matrix already recorded; it takes no --tasks or "
+            "--zero-shot (run `adb eval REV --tasks ...` first)"
+        )
     store = Store.find()
     set_threads(threads)
     if metrics:
@@ -50,7 +64,7 @@ def eval_(
     configs = [load_task(t) for t in files] or ev.lineage_tasks(store, rev)
     evaluator = ev.Evaluator()
     with console.status(f"evaluating {rev} on {len(configs)} task(s)", spinner="dots"):
-        result = ev.evaluate(store, rev, configs, routing, top_k, evaluator)
+        result = ev.evaluate(store, rev, configs, routing, top_k or 4, evaluator)
         base = ev.zero_shot(store, configs, evaluator) if zero_shot else {}
     if as_json:
         emit_json(

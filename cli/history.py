@@ -11,7 +11,7 @@ from rich.table import Table
 
 from adapterdb.adapter import WEIGHTS_FILE, read_peft_raw, write_peft_raw
 from adapterdb.cli.output import console, emit_json, fmt, human_bytes, short, when
-from adapterdb.errors import AdbError
+from adapterdb.errors import AdbError, CorruptStateError
 from adapterdb.storage.commits import Commit, check_task_name
 from adapterdb.storage.refs import HEADS, TAGS, check_ref_name
 from adapterdb.storage.store import Store
@@ -95,10 +95,10 @@ def log(
         table.add_row(
             short(oid),
             when(c.time),
-            c.kind,
+            escape(c.kind),  # documents are data: '[/]' in one must print, not raise
             escape(c.task or ""),
-            c.method or "",
-            _metrics_cell(c),
+            escape(c.method or ""),
+            escape(_metrics_cell(c)),
             escape(c.message),
         )
     console.print(table)
@@ -146,7 +146,7 @@ def show(
     if c.sources:
         console.print(f"{'sources':>12}: {' '.join(short(p) for p in c.sources)}")
     if c.params:
-        console.print(f"{'params':>12}: {c.params}")
+        console.print(f"{'params':>12}: {c.params}", markup=False)
     if c.provenance:
         p = c.provenance
         dirty = " (dirty)" if p.get("dirty") else ""
@@ -159,9 +159,12 @@ def show(
         f"{human_bytes(raw)} raw, {human_bytes(stored)} stored ({ratio:.2f}x)"
     )
     for task, trig in doc["triggers"].items():
-        console.print(f"{'trigger':>12}: {task} scale={trig['scale']:.4f} masks={trig['tensors']}")
+        console.print(
+            f"{'trigger':>12}: {task} scale={trig['scale']:.4f} masks={trig['tensors']}",
+            markup=False,
+        )
     if c.eval:
-        console.print(f"{'eval':>12}: {c.eval}")
+        console.print(f"{'eval':>12}: {c.eval}", markup=False)
     if tensors:
         for name, e in m.tensors.items():
             console.print(f"  {name}  {e.dtype} {list(e.shape)}  {short(e.id)}", markup=False)
@@ -259,28 +262,47 @@ def _diff_side(spec: str) -> tuple[list[str], Any, dict[str, Any]]:
     )
 
 
-def _list_refs(refs: dict[str, str], current: str | None, as_json: bool) -> None:
+def _list_refs(store: Store, prefix: str, current: str | None, as_json: bool) -> None:
+    """List refs; a broken one is listed as broken (then the exit is an error), never hidden:
+    hiding it looked like a missing branch, and the next import started history anew."""
+    refs, broken = store.refs.scan(prefix)
+    rows = {**refs, **dict.fromkeys(broken)}
     if as_json:
-        emit_json([{"name": k, "commit": v, "current": k == current} for k, v in refs.items()])
-        return
-    for name, oid in refs.items():
-        mark = "*" if name == current else " "
-        console.print(f"{mark} {name:<30} {short(oid)}")
+        emit_json(
+            [
+                {"name": k, "commit": rows[k], "current": k == current, "broken": k in broken}
+                for k in sorted(rows)
+            ]
+        )
+    else:
+        for name in sorted(rows):
+            mark = "*" if name == current else " "
+            state = "BROKEN" if name in broken else short(rows[name])
+            console.print(f"{mark} {escape(name):<30} {state}")
+    if broken:
+        raise CorruptStateError(next(iter(broken.values())))
 
 
 def branch(
     name: str = typer.Argument(None, help="Branch to create (omit to list)."),
-    start: str = typer.Argument("HEAD", help="Where the new branch starts."),
+    start: str = typer.Argument(None, help="Where the new branch starts (default: HEAD)."),
     delete: bool = typer.Option(False, "-d", "--delete", help="Delete the branch."),
     switch: bool = typer.Option(False, "--switch", "-s", help="Make it HEAD's branch."),
+    force: bool = typer.Option(
+        False, "--force", "-f", help="Move an existing branch to START (the reflog keeps the old)."
+    ),
     as_json: bool = JSON,
 ) -> None:
     """List, create, delete or switch branches."""
     store = Store.find()
+    if name is None and (start is not None or delete or switch or force):
+        raise AdbError("name the branch: adb branch NAME [START] [-d | --switch | -f]")
+    if delete and (start is not None or switch or force):
+        raise AdbError("-d deletes a branch; it takes no START, --switch or -f")
     if name is None:
-        ref, _ = store.refs.head()
+        ref, _ = store.refs.head_ref()
         current = ref[len(HEADS) :] if ref and ref.startswith(HEADS) else None
-        _list_refs(store.branches(), current, as_json)
+        _list_refs(store, HEADS, current, as_json)
         return
     check_ref_name(name)
     ref = HEADS + name
@@ -294,10 +316,21 @@ def branch(
         console.print(f"deleted branch {name} (was {short(existing)})")
         return
     if existing is None:
-        empty = start == "HEAD" and store.refs.head()[1] is None
+        empty = start is None and store.refs.head()[1] is None
         if not empty:
-            store.refs.update(ref, store.resolve(start), None, f"branch: create from {start}")
+            origin = start or "HEAD"
+            store.refs.update(ref, store.resolve(origin), None, f"branch: create from {origin}")
             console.print(f"created branch {name} at {short(store.refs.read(ref))}")
+    elif force:  # like `git branch -f NAME [START]`
+        origin = start or "HEAD"
+        target = store.resolve(origin)
+        store.refs.update(ref, target, existing, f"branch: reset to {origin}")
+        console.print(f"moved branch {name} to {short(target)} (was {short(existing)})")
+    elif start is not None:  # silently switching without moving it would ignore START
+        raise AdbError(
+            f"branch '{name}' already exists (at {short(existing)}); pass -f to move it to "
+            f"{start}, or drop START (`adb branch {name} --switch`) to switch to it as it is"
+        )
     elif not switch:
         raise AdbError(f"branch '{name}' already exists; pass --switch to make it current")
     if switch:
@@ -314,7 +347,7 @@ def tag(
     """List, create or delete tags (immutable names for commits)."""
     store = Store.find()
     if name is None:
-        _list_refs(store.tags(), None, as_json)
+        _list_refs(store, TAGS, None, as_json)
         return
     ref = TAGS + check_ref_name(name, "tag")
     existing = store.refs.read(ref)

@@ -11,6 +11,7 @@ from adapterdb.adapter import WEIGHTS_FILE, write_peft_raw
 from adapterdb.cli.history import JSON
 from adapterdb.cli.output import console, emit_json, err_console, fmt, short
 from adapterdb.errors import AdbError
+from adapterdb.storage.commits import check_task_name
 from adapterdb.storage.refs import check_ref_name
 from adapterdb.storage.store import Store
 
@@ -66,6 +67,7 @@ def merge(
         raise AdbError(
             "say where the result goes: -o DIR (a PEFT folder) or --into BRANCH (a commit)"
         )
+    check_space(space, rank)
     algo = wf.ALIASES.get(method, method)
     params = registry.parse_params(algo, param)
     if out is not None:
@@ -83,7 +85,7 @@ def merge(
         with console.status(f"merging {len(srcs)} adapters ({method}, {space})", spinner="dots"):
             raw = wf.to_raw(result.tensors)
         write_peft_raw(out, result.config, raw, {})
-        _report(warnings, result.errors)
+        _report([*warnings, *result.notes], result.errors)
         console.print(f"wrote {len(raw)} merged tensors to {out}")
         return
     store = Store.find()
@@ -93,6 +95,17 @@ def merge(
         )
     _report(outcome.warnings, outcome.errors)
     console.print(f"[{into} {short(outcome.commit_id)}] merge ({method})", markup=False)
+
+
+def check_space(space: str, rank: int | None) -> None:
+    """Refuse a space or rank that would be ignored or mean something else than it says:
+    `--rank 0` used to mean "default" and `--rank` with factors was silently dropped."""
+    if space not in ("factors", "product"):
+        raise AdbError(f"unknown space {space!r}; use factors or product")
+    if rank is not None and space != "product":
+        raise AdbError("--rank only applies to --space product (factor space keeps the ranks)")
+    if rank is not None and rank < 1:
+        raise AdbError(f"--rank {rank}: a LoRA rank must be >= 1; omit it for the largest input's")
 
 
 def _report(warnings: list[str], errors: dict[str, float]) -> None:
@@ -132,6 +145,8 @@ def align(
 
     if not report and out is None:
         raise AdbError("pass -o DIR to write the aligned expert, or --report to only inspect")
+    if report and out is not None:  # -o was silently ignored
+        raise AdbError("--report only inspects and writes nothing; drop -o or drop --report")
     store = _store_or_none([expert, against])
     e, g = wf.open_source(expert, store), wf.open_source(against, store)
     names = list(g.tensors)
@@ -196,11 +211,20 @@ def decouple(
             f"{rev} is not a ConDU commit (it has no triggers); merge with --method condu"
         )
     for t in tasks:
-        target = out / t if all_tasks else out
+        target = _task_folder(out, t) if all_tasks else out
         _fresh_output(target, force)
         raw, config = wf.decouple_task(store, rev, t)
         write_peft_raw(target, config, raw, {})
         console.print(f"rebuilt expert '{t}' -> {target}")
+
+
+def _task_folder(out: Path, task: str) -> Path:
+    """OUT/TASK, and never anywhere else: task names come from a commit, and a crafted one
+    ('../x', '/abs') must not make `decouple --all` write outside OUT."""
+    target = out / check_task_name(task)
+    if target.resolve().parent != out.resolve():
+        raise AdbError(f"task name {task!r} leads outside {out}; rename the task")
+    return target
 
 
 def register(app: typer.Typer) -> None:

@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING
 import typer
 from rich.table import Table
 
+from adapterdb.cli.checks import at_least, name_list
 from adapterdb.cli.history import JSON
 from adapterdb.cli.output import console, emit_json
 from adapterdb.cli.train import THREADS, set_threads
@@ -48,7 +49,7 @@ def run(
     seed: int = typer.Option(0, "--seed", help="Seed of the shuffles."),
     top_k: int = typer.Option(4, "--top-k", help="ConDU routing: experts per input."),
     jobs: int = typer.Option(
-        1, "--jobs", "-j", min=1, help="Worker processes, one (method, order) branch each."
+        1, "--jobs", "-j", help="Worker processes, one (method, order) branch each."
     ),
     threads: int = THREADS,
     as_json: bool = JSON,
@@ -58,10 +59,14 @@ def run(
     from adapterdb.trainers.sequence import run_sequence
     from adapterdb.trainers.summary import differences_table, results_table
 
+    chosen = name_list("--methods", methods, "method")
+    at_least("--orders", orders, 1, "the number of task orders")
+    at_least("--top-k", top_k, 1, "the experts routed to per input")
+    at_least("--jobs", jobs, 1, "the number of worker processes")
+    at_least("--threads", threads, 1, "the number of CPU threads")
     store = Store.find()
     seq = load_sequence(sequence_path(sequence))
     set_threads(threads)
-    chosen = [m.strip() for m in methods.split(",") if m.strip()]
     say = (
         (lambda _msg: None)
         if as_json

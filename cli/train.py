@@ -8,7 +8,9 @@ from pathlib import Path
 import typer
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
+from adapterdb.cli.checks import at_least
 from adapterdb.cli.output import console, err_console, short
+from adapterdb.errors import AdbError
 from adapterdb.storage.refs import check_ref_name
 from adapterdb.storage.store import Store
 
@@ -18,10 +20,18 @@ THREADS = typer.Option(
 
 
 def set_threads(threads: int | None) -> None:
-    """One torch thread by default on CPU: measured fastest on this shared 2-core machine."""
+    """One torch thread by default on CPU: measured fastest on this shared 2-core machine.
+
+    `--threads 0` or a negative count is refused (torch raised a traceback; 0 meant default)."""
     import torch
 
-    torch.set_num_threads(threads or int(os.environ.get("ADB_DEFAULT_THREADS", "1")))
+    at_least("--threads", threads, 1, "the number of CPU threads")
+    default = os.environ.get("ADB_DEFAULT_THREADS", "1")
+    if not default.strip().isdigit() or int(default) < 1:
+        raise AdbError(
+            f"ADB_DEFAULT_THREADS={default!r} is not a thread count; set it to 1 or more"
+        )
+    torch.set_num_threads(threads or int(default))
 
 
 def train(

@@ -17,15 +17,31 @@ from fnmatch import fnmatchcase
 from pathlib import Path
 from typing import Any
 
-from adapterdb.errors import AdbError, ConflictError, CorruptObjectError, NotFoundError
+from adapterdb.errors import (
+    AdbError,
+    ConflictError,
+    CorruptObjectError,
+    CorruptStateError,
+    NotFoundError,
+)
+from adapterdb.storage import failpoints
 from adapterdb.storage.commits import Commit, Manifest, TensorEntry
-from adapterdb.storage.objects import ObjectStore, atomic_write
+from adapterdb.storage.objects import ObjectStore, atomic_write, unlocked
 from adapterdb.storage.provenance import author, code_provenance
-from adapterdb.storage.refs import HEADS, TAGS, RefStore, check_ref_name
+from adapterdb.storage.refs import (
+    HEADS,
+    OID_RE,
+    TAGS,
+    ReflogEntry,
+    RefStore,
+    check_ref_name,
+    shown,
+)
 from adapterdb.tensorfile import RawTensor
 
 STORE_DIR = ".adb"
 FORMAT = "adapterdb-store 1"
+REFLOG_EXPIRE = 90 * 86400.0  # git's gc.reflogExpire default: 90 days
 _REV_RE = re.compile(r"^(?P<base>[^~^]+)(?P<ops>(?:[~^]\d*)*)$")
 # Hashing, zstd and byte copies release the GIL, and each object ends in an fsync that waits on
 # the disk, not the CPU: more workers than cores overlap those waits (measured: 252 fsyncs take
@@ -50,6 +66,7 @@ class GcReport:
     removed: list[str] = field(default_factory=list)
     bytes_freed: int = 0
     temp_files: list[str] = field(default_factory=list)
+    reflog_expired: dict[str, int] = field(default_factory=dict)  # ref -> entries expired
 
 
 class Store:
@@ -58,7 +75,7 @@ class Store:
     def __init__(self, root: Path) -> None:
         self.root = root
         self.objects = ObjectStore(root)
-        self.refs = RefStore(root)
+        self.refs = RefStore(root, self.objects.exists)
 
     # -- locating --------------------------------------------------------------------------
 
@@ -82,9 +99,13 @@ class Store:
         p = Path(path)
         for root in (p / STORE_DIR, p):
             if (root / "FORMAT").is_file():
-                if (root / "FORMAT").read_text().strip() != FORMAT:
-                    raise AdbError(f"{root} is a store of an unknown format; upgrade adapterdb")
+                _check_format(root / "FORMAT")
                 return cls(root)
+            if (root / "objects").is_dir() and (root / "refs").is_dir():
+                raise CorruptStateError(
+                    f"{root / 'FORMAT'} is missing from the store {root}; "
+                    f"write '{FORMAT}' into it to open the store again"
+                )
         raise AdbError(f"{p} is not an adb store; create one with `adb init {p}` or pass --store")
 
     @classmethod
@@ -95,8 +116,8 @@ class Store:
             return cls.open(chosen)
         here = (start or Path.cwd()).resolve()
         for folder in (here, *here.parents):
-            if (folder / STORE_DIR / "FORMAT").is_file():
-                return cls.open(folder)
+            if (folder / STORE_DIR / "FORMAT").is_file() or (folder / STORE_DIR / "refs").is_dir():
+                return cls.open(folder)  # a damaged FORMAT is reported, not walked past
         raise AdbError(
             "no adb store here or in any parent folder; run `adb init` or pass --store PATH"
         )
@@ -147,6 +168,7 @@ class Store:
         `ConflictError`.
         """
         target = ref or HEADS + check_ref_name(branch or "")
+        self._check_manifest(commit.manifest)
         stamp: dict[str, Any] = {"author": commit.author or author()}
         if not commit.provenance:
             stamp["provenance"] = code_provenance()
@@ -159,15 +181,27 @@ class Store:
             # always younger than its parent, which `log`'s newest-first order relies on
             stamped = replace(commit, parents=parents, time=commit.time or time.time())
             oid = self.objects.put_json(stamped.to_json())
+            self.objects.sync()  # every object's rename is durable before the ref names it
             try:
                 self.refs.update(
                     target, oid, head, f"{commit.kind}: {commit.message or commit.task or ''}"
                 )
-                return oid
             except ConflictError:
                 if attempt == retries or commit.parents:
                     raise
+                continue
+            self.objects.release()  # reachable now: gc needs this writer's claims no more
+            return oid
         raise AssertionError("unreachable")
+
+    def _check_manifest(self, oid: str) -> None:
+        """A commit must never name a manifest that is not stored: it could not be read back."""
+        if not (isinstance(oid, str) and OID_RE.fullmatch(oid) and self.objects.exists(oid)):
+            raise NotFoundError(
+                f"manifest {str(oid)[:12]!r} is not in the store; store the adapter with "
+                "put_adapter or put_manifest and commit the id it returns"
+            )
+        self.read_manifest(oid)
 
     # -- reading ---------------------------------------------------------------------------
 
@@ -175,13 +209,13 @@ class Store:
         doc = self.objects.get_json(oid)
         if not isinstance(doc, dict) or doc.get("type") != "commit":
             raise AdbError(f"{oid[:12]} is not a commit")
-        return Commit.from_json(doc)
+        return Commit.from_json(doc, oid)
 
     def read_manifest(self, oid: str) -> Manifest:
         doc = self.objects.get_json(oid)
         if not isinstance(doc, dict) or doc.get("type") != "manifest":
             raise AdbError(f"{oid[:12]} is not a manifest")
-        return Manifest.from_json(doc)
+        return Manifest.from_json(doc, oid)
 
     def manifest_of(self, rev: str) -> Manifest:
         return self.read_manifest(self.read_commit(self.resolve(rev)).manifest)
@@ -255,7 +289,7 @@ class Store:
                 return oid
         if re.fullmatch(r"[0-9a-f]{4,64}", base):
             matches = [i for i in self._ids_with_prefix(base) if self.objects.kind(i) == "json"]
-            commits = [i for i in matches if self.objects.get_json(i).get("type") == "commit"]
+            commits = [i for i in matches if _doc_type(self.objects.get_json(i)) == "commit"]
             if len(commits) == 1:
                 return commits[0]
             if len(commits) > 1:
@@ -266,7 +300,8 @@ class Store:
         folder = self.objects.dir / prefix[:2]
         if not folder.is_dir():
             return []
-        return [prefix[:2] + f.name for f in folder.iterdir() if f.name.startswith(prefix[2:])]
+        found = (prefix[:2] + f.name for f in folder.iterdir() if f.name.startswith(prefix[2:]))
+        return [oid for oid in found if OID_RE.fullmatch(oid)]
 
     def log(self, rev: str, limit: int | None = None) -> list[tuple[str, Commit]]:
         """Ancestors of `rev` (all parents), newest first."""
@@ -288,18 +323,33 @@ class Store:
 
     # -- integrity -------------------------------------------------------------------------
 
-    def _roots(self, with_reflog: bool) -> dict[str, str]:
-        """Every commit a ref (or, for gc, a reflog line) keeps alive: label -> commit id."""
-        roots = {f"refs/{k}": v for k, v in self.refs.list("refs/").items()}  # heads, tags, experts
-        ref, oid = self.refs.head()
-        if ref is None and oid:
-            roots["HEAD"] = oid
+    def _roots(self, with_reflog: bool, errors: list[str] | None = None) -> dict[str, str]:
+        """Every commit a ref (or a reflog line) keeps alive: label -> commit id.
+
+        A damaged ref, HEAD or reflog line may name a commit we cannot see: it raises
+        `CorruptStateError` (gc must not sweep), unless `errors` collects it (fsck goes on).
+        """
+        good, broken = self.refs.scan("refs/")  # heads, tags, experts
+        roots = {f"refs/{k}": v for k, v in good.items()}
+        problems = list(broken.values())
+        try:
+            ref, oid = self.refs.head_ref()
+            if ref is None and oid:
+                roots["HEAD"] = oid
+        except CorruptStateError as exc:
+            problems.append(str(exc))
         if with_reflog:
             for r in self.refs.reflog_refs():
-                for i, e in enumerate(self.refs.reflog(r)):
+                log = self.refs.read_reflog(r)
+                problems.extend(log.problems())
+                for i, e in enumerate(log.entries):
                     for v in (e.old, e.new):
                         if v:
                             roots[f"{r}@{{{i}}}"] = v
+        if problems and errors is None:
+            raise CorruptStateError(problems[0])
+        if errors is not None:
+            errors.extend(problems)
         return roots
 
     def _reachable(self, roots: Mapping[str, str], errors: list[str]) -> set[str]:
@@ -309,14 +359,16 @@ class Store:
         missing manifest does not, so the history behind it is still checked.
         """
         live: set[str] = set()
+        unreadable: set[str] = set()  # reported once, however many refs reach it
         stack = list(roots.items())
         while stack:
             label, oid = stack.pop()
-            if oid in live:
+            if oid in live or oid in unreadable:
                 continue
             try:
                 commit = self.read_commit(oid)
             except AdbError as exc:  # missing or corrupt objects are AdbErrors too
+                unreadable.add(oid)
                 errors.append(f"{label}: commit {oid[:12]}: {exc}")
                 continue
             live.add(oid)
@@ -346,7 +398,8 @@ class Store:
                 )
 
     def fsck(self, progress: Any = None) -> FsckReport:
-        """Re-hash every object, then check that every ref reaches only present objects."""
+        """Re-hash every object, then check that refs, HEAD and reflogs parse and reach only
+        readable objects: all that gc relies on, so gc never refuses a store fsck calls ok."""
         report = FsckReport()
         for oid in self.objects.ids():
             report.objects += 1
@@ -356,41 +409,129 @@ class Store:
                 report.errors.append(str(exc))
             if progress:
                 progress()
-        self._reachable(self._roots(with_reflog=False), report.errors)
+        report.errors.extend(
+            f"{p} is not an object (a stray {'folder' if p.is_dir() else 'file'}); "
+            "move it out of the store"
+            for p in self.objects.strays()
+        )
+        self._reachable(self._roots(with_reflog=True, errors=report.errors), report.errors)
         temps = self.objects.temp_files()
         if temps:
             report.notes.append(
                 f"{len(temps)} temp file(s) from interrupted writes; `adb gc` removes them"
             )
+        report.notes.extend(
+            f"healed: object {oid[:12]} was corrupt on disk and a write at {_utc(stamp)} UTC "
+            "stored it again"
+            for stamp, oid in self.objects.healed()
+        )
         return report
 
-    def gc(self, dry_run: bool = False, grace: float = 3600.0) -> GcReport:
-        """Mark from refs and reflog, sweep unreachable objects older than `grace` seconds.
+    def gc(
+        self, dry_run: bool = False, grace: float = 3600.0, expire: float | None = REFLOG_EXPIRE
+    ) -> GcReport:
+        """Expire reflog entries, mark from refs and reflogs, sweep what nothing reaches.
 
-        The grace period protects objects a concurrent writer has stored but not yet
-        committed (objects are written before the ref that makes them reachable).
+        Reflog entries older than `expire` seconds (None: never) go, and so does the whole
+        reflog of a deleted ref (as git drops a deleted branch's reflog), so gc reclaims what
+        only old history kept. Objects go when nothing reaches them and they are older than
+        `grace` seconds and than this gc's start.
+
+        Safe beside running writers whatever `grace` is, 0 included: the sweep runs under gc's
+        exclusive lock and the ref lock, after re-reading refs, reflogs and the claims of live
+        writers (objects they stored or reused but have not committed yet, see objects.py); a
+        ref update checks its commit is stored under the same ref lock. Temp files go only
+        when their writer is dead (it holds a flock on them while it lives).
         """
+        if grace < 0 or (expire is not None and expire < 0):
+            raise AdbError("gc: --grace and --expire are ages; they cannot be negative")
+        start = time.time()
+        cutoff = start - grace
         report = GcReport()
-        errors: list[str] = []
-        with self.refs.locked():
-            live = self._reachable(self._roots(with_reflog=True), errors)
-        if errors:
-            raise AdbError(f"gc refused: the store has problems ({errors[0]}); run `adb fsck`")
-        report.reachable = len(live)
-        cutoff = time.time() - grace
-        for oid in list(self.objects.ids()):
-            path = self.objects.path(oid)
-            if oid not in live and path.stat().st_mtime <= cutoff:
+        with self.objects.exclusive(), self.refs.locked():
+            plan = self._reflog_plan(None if expire is None else start - expire)
+            roots = self._roots(with_reflog=False)
+            for r, (kept, _) in plan.items():
+                for i, e in enumerate(kept):
+                    for v in (e.old, e.new):
+                        if v:
+                            roots[f"{r}@{{{i}}}"] = v
+            errors: list[str] = []
+            live = self._reachable(roots, errors)
+            if errors:
+                raise AdbError(f"gc refused: the store has problems ({errors[0]}); run `adb fsck`")
+            report.reachable = len(live)
+            claimed = self.objects.live_claims()
+            report.reflog_expired = {r: n for r, (_, n) in plan.items() if n}
+            if not dry_run:  # reflogs first: a crash then leaves garbage, never a dangling line
+                for r, (kept, n) in plan.items():
+                    if n:
+                        self.refs.write_reflog(r, kept)
+            for oid in list(self.objects.ids()):
+                if oid in live or oid in claimed:
+                    continue
+                path = self.objects.path(oid)
+                try:
+                    st = path.stat()
+                except FileNotFoundError:
+                    continue
+                if st.st_mtime > cutoff:
+                    continue
                 report.removed.append(oid)
-                report.bytes_freed += path.stat().st_size
+                report.bytes_freed += st.st_size
                 if not dry_run:
+                    failpoints.hit("gc.unlink")
                     path.unlink(missing_ok=True)
-        for tmp in self.objects.temp_files():
-            if tmp.stat().st_mtime <= cutoff:
+            for tmp in self.objects.temp_files():
+                try:
+                    mtime = tmp.stat().st_mtime
+                except FileNotFoundError:
+                    continue
+                legacy = tmp.parent != self.objects.tmp_dir  # beside objects: age decides
+                if mtime >= start or (legacy and mtime > cutoff) or not unlocked(tmp):
+                    continue
                 report.temp_files.append(str(tmp))
                 if not dry_run:
+                    failpoints.hit("gc.unlink_temp")
                     tmp.unlink(missing_ok=True)
         return report
+
+    def _reflog_plan(self, expire_before: float | None) -> dict[str, tuple[list[ReflogEntry], int]]:
+        """Per reflog: (the entries gc keeps, how many expire). A damaged line refuses gc:
+        what it named is unknown, so nothing may be swept."""
+        plan: dict[str, tuple[list[ReflogEntry], int]] = {}
+        for r in self.refs.reflog_refs():
+            log = self.refs.read_reflog(r)
+            if log.bad_lines:
+                raise CorruptStateError(f"gc refused: {log.problems()[0]}")
+            if expire_before is None:
+                kept = log.entries
+            elif self.refs.read(r) is None:  # a deleted ref: its history goes with it
+                kept = []
+            else:
+                kept = [e for e in log.entries if e.time >= expire_before]
+            plan[r] = (kept, len(log.entries) - len(kept))
+        return plan
+
+
+def _check_format(path: Path) -> None:
+    """FORMAT names the on-disk layout: refuse a newer one, and say so when it is damaged."""
+    raw = path.read_bytes()
+    text = raw.decode("utf-8", "replace").strip()
+    if text == FORMAT:
+        return
+    if re.fullmatch(r"adapterdb-store \d{1,9}", text):
+        raise AdbError(
+            f"{path.parent} is a store of an unknown format ({text!r} in {path}); upgrade adapterdb"
+        )
+    raise CorruptStateError(
+        f"{path} is damaged: it holds {shown(raw)}, not '{FORMAT}'; "
+        f"write '{FORMAT}' into it if this is an adb store"
+    )
+
+
+def _doc_type(doc: Any) -> Any:
+    return doc.get("type") if isinstance(doc, dict) else None
 
 
 def check_name_quietly(name: str) -> bool:
@@ -399,3 +540,7 @@ def check_name_quietly(name: str) -> bool:
     except AdbError:
         return False
     return True
+
+
+def _utc(stamp: float) -> str:
+    return time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(stamp))

@@ -117,6 +117,14 @@ def snapshot(root: Path) -> dict[str, bytes]:
     return {p.relative_to(root).as_posix(): p.read_bytes() for p in root.rglob("*") if p.is_file()}
 
 
+def one_error_line(rc: int, err: str) -> str:
+    """The CLI's answer to bad input: exit != 0, no traceback, exactly one `error:` line."""
+    assert rc != 0 and "Traceback" not in err, err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), err
+    return lines[0]
+
+
 @pytest.fixture
 def peft_dir(tmp_path: Path) -> Callable[..., Path]:
     """Factory: peft_dir(name, seed=0, dtype="F32", rank=2, linear=..., conv=...) -> folder."""

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import make_peft, run_adb, snapshot
+from conftest import make_peft, one_error_line, run_adb, snapshot
 from tiny_models import adb_in_process
 
 from adapterdb.adapter import CONFIG_FILE, read_peft_raw, to_torch
@@ -39,13 +39,6 @@ def ok(args: list[str], cwd: Path) -> str:
     rc, out, err = adb_in_process(args, cwd)
     assert rc == 0, f"adb {' '.join(args)}: {err}"
     return out
-
-
-def one_error_line(rc: int, err: str) -> str:
-    assert rc != 0 and "Traceback" not in err, err
-    lines = err.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: "), err
-    return lines[0]
 
 
 @pytest.fixture(scope="module")
@@ -95,7 +88,9 @@ def test_standalone_merge_of_peft_folders(
 
 
 def test_product_space_merges_different_ranks(ws: Path, tmp_path: Path) -> None:
-    """a (r=2) + r3 (r=3) averaged on ΔW = B·A·s; rank 5 holds the sum exactly."""
+    """a (r=2) + r3 (r=3) averaged on ΔW = B·A·s; rank 5 holds the sum exactly. The conv
+    layer (out 4) has full rank 4: capped there and listed in rank_pattern, so its scale is
+    α/4 (PEFT reads the same)."""
     out = ok(
         ["merge", "--method", "average", "--space", "product", "--rank", "5",
          str(ws / "a"), str(ws / "r3"), "-o", "p5"], tmp_path,
@@ -103,11 +98,13 @@ def test_product_space_merges_different_ranks(ws: Path, tmp_path: Path) -> None:
     assert "refactoring error" in out
     merged, cfg = load(tmp_path / "p5"), config(tmp_path / "p5")
     assert cfg["r"] == 5 and merged[A].shape == (5, 6)
+    assert cfg["rank_pattern"] == {"conv": 4}
     sources = [(load(ws / n), config(ws / n)) for n in ("a", "r3")]
     pairs, _ = lora_pairs(merged)
     for pair in pairs:
         deltas = [delta_weight(t[pair.a], t[pair.b], c["lora_alpha"] / c["r"]) for t, c in sources]
-        got = delta_weight(merged[pair.a], merged[pair.b], cfg["lora_alpha"] / cfg["r"])
+        rank = merged[pair.a].shape[0]
+        got = delta_weight(merged[pair.a], merged[pair.b], cfg["lora_alpha"] / rank)
         torch.testing.assert_close(got, sum(deltas) / 2, rtol=1e-4, atol=1e-5)
     ok(["merge", "--method", "ties", "--space", "product", str(ws / "a"), str(ws / "r3"),
         "-o", "pdefault"], tmp_path)  # fmt: skip

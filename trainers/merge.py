@@ -9,6 +9,7 @@ triggers) in the commit.
 from __future__ import annotations
 
 import dataclasses
+import math
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, replace
@@ -23,9 +24,11 @@ from adapterdb.lora import delta_weight, lora_pairs, module_path, pair_scale
 from adapterdb.lowrank import dense_refactor, refactor
 from adapterdb.merging import registry
 from adapterdb.merging.condu import Unifier, decouple
+from adapterdb.merging.fullweights import merge_values
 from adapterdb.storage.commits import Commit, TensorEntry, Trigger, check_task_name
 from adapterdb.storage.store import Store
 from adapterdb.tensorfile import RawTensor
+from adapterdb.tensorkinds import classify, kind_of, summary
 
 EXPERTS = "refs/experts/"
 LINEAR = frozenset({"average", "task_arithmetic", "finetune"})  # merged = Σ_t w_t τ_t
@@ -143,6 +146,18 @@ class MergeResult:
     tensors: Iterator[tuple[str, torch.Tensor]]
     config: dict[str, Any]
     errors: dict[str, float] = field(default_factory=dict)  # product space: refactoring error
+    notes: list[str] = field(default_factory=list)  # what the user should know (printed)
+
+
+def value_note(names: Sequence[str]) -> list[str]:
+    """The warning that some tensors are values (not task vectors) and were averaged."""
+    what = summary(classify(names))
+    if not what:
+        return []
+    return [
+        f"{what} (not LoRA factors) merged as weights: the mean with the method's weights "
+        "(finetune: the last source), not by the method; see README, Merge methods"
+    ]
 
 
 def merge(
@@ -159,8 +174,11 @@ def merge(
     if space == "factors":
         tensors = [s.tensors for s in sources]
         return MergeResult(
-            registry.merge_adapters(method, tensors, params, reuse=reuse),
+            registry.merge_adapters(
+                method, tensors, params, reuse=reuse, kinds=classify(sources[0].layout)
+            ),
             dict(sources[-1].config),
+            notes=value_note(list(sources[0].layout)),
         )
     if space == "product":
         return product_merge(method, params, sources, rank)
@@ -197,27 +215,51 @@ def product_merge(
 ) -> MergeResult:
     """Merge LoRA layers on ΔW = B·A·s and refactor to rank r (exact QR+SVD for linear methods).
 
-    Tensors that are not LoRA pairs are merged as they are.
+    Tensors that are not LoRA pairs are merged as they are (values by the rule of
+    `adapterdb.merging.fullweights`). A layer's rank is capped at its full rank min(out, in):
+    beyond it the factors only hold zeros (rank 1000 on a 32×32 layer was 31x its dense size);
+    capped layers are listed in `rank_pattern`, so PEFT loads them with their own rank.
     """
+    if rank is not None and rank < 1:
+        raise AdbError(f"--rank {rank}: a LoRA rank must be >= 1; omit it for the largest input's")
     first = sources[0]
-    pairs, rest = lora_pairs(first.tensors)
-    ranks = [s.tensors[p.a].shape[0] for s in sources for p in pairs if p.a in s.tensors]
-    r = rank or max(ranks, default=1)
-    config = dict(first.config, r=r, rank_pattern={})
+    pairs, rest = lora_pairs(first.layout)
+    ranks = [s.layout[p.a][1][0] for s in sources for p in pairs if p.a in s.layout]
+    wanted = rank or max(ranks, default=1)
+    layer_rank = {p.module: min(wanted, full_rank(first.layout, p)) for p in pairs}
+    r = max(layer_rank.values(), default=wanted)
+    pattern = {module_path(m): lr for m, lr in layer_rank.items() if lr != r}
+    config = dict(first.config, r=r, rank_pattern=pattern)
     errors: dict[str, float] = {}
+    capped = sorted(m for m, lr in layer_rank.items() if lr < wanted)
+    notes = value_note(rest)
+    if capped:
+        notes.append(
+            f"rank {wanted} exceeds the full rank min(out, in) of {len(capped)} layer(s) (e.g. "
+            f"{module_path(capped[0])}: {layer_rank[capped[0]]}); capped there (a higher rank "
+            "only adds zeros)"
+        )
 
     def out_scale(module: str) -> float:
-        return lora_scale(config, module_path(module), r)
+        return lora_scale(config, module_path(module), layer_rank[module])
 
     def factors(module: str, a: torch.Tensor, b: torch.Tensor, err: float, dtype: torch.dtype):
         errors[module] = err
         pair = next(p for p in pairs if p.module == module)
-        return [(pair.a, a.to(dtype)), (pair.b, (b / out_scale(module)).to(dtype))]
+        a_out, b_out = a.to(dtype), (b / out_scale(module)).to(dtype)
+        registry.check_result(pair.a, a_out, registry.Layout(dtype, a_out.shape))
+        registry.check_result(pair.b, b_out, registry.Layout(dtype, b_out.shape))
+        if a_out.shape[0] != layer_rank[module] or b_out.shape[1] != layer_rank[module]:
+            raise MismatchError(
+                f"refactored layer '{module}' has rank {a_out.shape[0]}/{b_out.shape[1]}, not "
+                f"{layer_rank[module]}; this is a bug, please report it"
+            )
+        return [(pair.a, a_out), (pair.b, b_out)]
 
     def stream() -> Iterator[tuple[str, torch.Tensor]]:
         if rest:
             yield from registry.merge_adapters(
-                method, [_subset(s.tensors, rest) for s in sources], params
+                method, [_subset(s.tensors, rest) for s in sources], params, kinds=classify(rest)
             )
         if not pairs:
             return
@@ -225,18 +267,25 @@ def product_merge(
             w = linear_weights(method, params, len(sources))
             for pair in pairs:
                 terms = [_term(s, pair, c) for s, c in zip(sources, w, strict=True) if c != 0.0]
-                dtype = first.tensors[pair.a].dtype
-                yield from factors(pair.module, *refactor(terms, r, pair.module), dtype)
+                dtype = torch_dtype(first.layout[pair.a][0])
+                rank_here = layer_rank[pair.module]
+                yield from factors(pair.module, *refactor(terms, rank_here, pair.module), dtype)
             return
         dense = [
             LazyTensors([p.module for p in pairs], lambda m, s=s: _delta(s, m, pairs))
             for s in sources
         ]
         for module, dw in registry.merge_adapters(method, dense, params):
-            dtype = first.tensors[next(p.a for p in pairs if p.module == module)].dtype
-            yield from factors(module, *dense_refactor(dw, r, module), dtype)
+            dtype = torch_dtype(first.layout[next(p.a for p in pairs if p.module == module)][0])
+            yield from factors(module, *dense_refactor(dw, layer_rank[module], module), dtype)
 
-    return MergeResult(stream(), config, errors)
+    return MergeResult(stream(), config, errors, notes)
+
+
+def full_rank(layout: Mapping[str, tuple[str, tuple[int, ...]]], pair: Any) -> int:
+    """min(out, in) of the layer a LoRA pair adapts (conv: in·kh·kw): the most a rank can be."""
+    a_shape, b_shape = layout[pair.a][1], layout[pair.b][1]
+    return max(1, min(int(b_shape[0]), math.prod(int(d) for d in a_shape[1:])))
 
 
 def _subset(
@@ -370,12 +419,13 @@ def merge_into(
         warnings.append("the branch was empty: the first source becomes the global adapter as is")
     else:
         result = merge(algo, params, sources, space, rank, reuse=True)
+        warnings.extend(result.notes)
     entries = dict(put_merged(store, nt) for nt in result.tensors)  # each stored, then reused
     manifest = store.put_manifest(entries, result.config)
     commit = Commit(
         manifest=manifest,
         kind="merge",
-        parents=tuple(x for x in (head, *(s.commit_id for s in new)) if x),
+        parents=merge_parents(head, new),
         task=new[-1].task,
         method=method,
         params={**_params_json(params), "space": space, **({"rank": rank} if rank else {})},
@@ -387,6 +437,12 @@ def merge_into(
     )
     oid = store.commit(commit, branch, expected=head)
     return MergeOutcome(oid, result.errors, warnings)
+
+
+def merge_parents(head: str | None, new: Sequence[Source]) -> tuple[str, ...]:
+    """The branch head, then each merged commit, once each: merging a branch into itself (or
+    one expert twice) must not record the same parent twice."""
+    return tuple(dict.fromkeys(x for x in (head, *(s.commit_id for s in new)) if x))
 
 
 def _source_objects(sources: Sequence[Source]) -> dict[str, str]:
@@ -445,6 +501,7 @@ def _condu_into(
     if len(set(tasks)) != len(tasks):
         raise AdbError(f"task names repeat in {tasks}; each ConDU task needs its own name")
     names = list(new[0].tensors)
+    warnings = [*warnings, *value_note(names)]
     unifier = Unifier(len(tasks), getattr(params, "scale", "tensor"))
     masks: dict[str, dict[str, str]] = {t: {} for t in tasks}
     entries: dict[str, TensorEntry] = {}
@@ -452,16 +509,21 @@ def _condu_into(
         deltas = [s.tensors[name] for s in new]
         if unified is not None:
             deltas = [*_decoupled(store, unified, old, name, deltas[0]), *deltas]
-        tensor, m = unifier.unify_tensor(name, deltas)
+        if kind_of(name).is_delta:
+            tensor, m = unifier.unify_tensor(name, deltas)
+            registry.check_result(name, tensor, deltas[0])
+            for t, task in enumerate(tasks):
+                masks[task][name] = store.objects.put_mask(m[t].numpy())
+        else:  # a value: the tasks' mean and no mask (adapterdb.merging.fullweights)
+            tensor = merge_values("emr", deltas, params, kind_of(name), registry.Context(name))
+            registry.check_result(name, tensor, deltas[0])
         entries[name] = put_merged(store, (name, tensor))[1]
-        for t, task in enumerate(tasks):
-            masks[task][name] = store.objects.put_mask(m[t].numpy())
     scales = unifier.scales()
     manifest = store.put_manifest(entries, new[-1].config)
     commit = Commit(
         manifest=manifest,
         kind="merge",
-        parents=tuple(x for x in (head, *(s.commit_id for s in new)) if x),
+        parents=merge_parents(head, new),
         task=tasks[-1],
         method="condu",
         params=_params_json(params),
@@ -488,8 +550,9 @@ def _decoupled(
 
 
 def expert_tensor(store: Store, unified: torch.Tensor, trig: Trigger, name: str) -> torch.Tensor:
-    """τ̃_t = λ_t·M_t ⊙ τ_uni for one tensor (a trigger without masks is a plain expert)."""
-    if not trig.masks:
+    """τ̃_t = λ_t·M_t ⊙ τ_uni for one tensor (a trigger without masks is a plain expert; a
+    value, full weight or DoRA magnitude, has no mask: every task gets the stored mean)."""
+    if not trig.masks or (name not in trig.masks and not kind_of(name).is_delta):
         return unified
     if name not in trig.masks:
         raise MismatchError(

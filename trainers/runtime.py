@@ -7,6 +7,7 @@ zero-shot accuracy and an adapter only ever changes features, never the head.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -93,8 +94,32 @@ def build(
         loaded.head = PrototypeHead(prototypes).to(loaded.device)
     for p in loaded.module.parameters():
         p.requires_grad_(False)
-    config = LoraConfig(**_lora_kwargs(task, loaded, lora))
-    return Runtime(task, loaded, data, get_peft_model(loaded.module, config))
+    kwargs = _lora_kwargs(task, loaded, lora)
+    check_targets(loaded, kwargs.get("target_modules"), task.name)
+    return Runtime(task, loaded, data, get_peft_model(loaded.module, LoraConfig(**kwargs)))
+
+
+def check_targets(loaded: LoadedModel, targets: Any, task: str) -> None:
+    """Refuse `target_modules` that match no layer in one line (PEFT raises a traceback).
+
+    Matching as PEFT does: a string is a regex on the full module name, a list names
+    modules exactly or by their last dotted parts.
+    """
+    if targets is None or targets == "all-linear":
+        return
+    names = [n for n, _ in loaded.module.named_modules() if n]
+    if isinstance(targets, str):
+        try:
+            hit = any(re.fullmatch(targets, n) for n in names)
+        except re.error as exc:
+            raise AdbError(f"task {task}: lora.target_modules is not a regex ({exc})") from None
+    else:
+        hit = any(n == t or n.endswith("." + t) for n in names for t in targets)
+    if not hit:
+        raise AdbError(
+            f"task {task}: lora.target_modules = {targets!r} match no layer of the model; "
+            f"use layer names such as {', '.join(loaded.target_modules[:4])}"
+        )
 
 
 def _lora_kwargs(

@@ -1,7 +1,9 @@
 """Merge methods as pure functions on tensors, behind a registry (see `registry`).
 
 Importing this package registers every method: average, finetune, task_arithmetic, ties,
-dare, dare_ties, magmax, tall, emr. ConDU's streaming unify/decouple lives in `condu`.
+dare, dare_ties, magmax, tall, emr. ConDU's streaming unify/decouple lives in `condu`; how
+every method treats tensors that are not task vectors (full weights, DoRA magnitudes) in
+`fullweights`.
 """
 
 from adapterdb.merging import basic, condu, dare, magmax, tall, ties

@@ -10,12 +10,18 @@ task vector (TIES' global trim) give a `prepare` pass that reads every source on
 what the per-tensor step needs; `merge_adapters` runs it, then streams tensor by tensor.
 Parameters are small frozen dataclasses whose defaults are the papers'; the CLI passes them as
 `key=value` strings (`parse_params`), with the mergekit/PEFT names (`density`, `weights`,
-`lambda`, `seed`).
+`lambda`, `seed`). Numbers must be finite and within float32's range (`check_finite`).
+
+Methods are defined on task vectors. Given `kinds` (`adapterdb.tensorkinds`), `merge_adapters`
+merges the tensors that are values (modules_to_save weights, DoRA magnitudes) by the rule of
+`adapterdb.merging.fullweights` instead, and checks every result before yielding it
+(`check_result`: finite, shaped like its sources), so no merge writes NaN/inf.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
 import typing
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
@@ -24,6 +30,7 @@ from typing import Any, Generic, NamedTuple, TypeVar
 import torch
 
 from adapterdb.errors import AdbError, MismatchError
+from adapterdb.tensorkinds import Kind
 
 FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 CLI_ALIASES = {"lambda": "lam"}  # `lambda` is a Python keyword; the field is spelled `lam`
@@ -44,6 +51,7 @@ class Params:
                 raise AdbError(
                     f"{cli_name(f.name)}={value!r} is not one of: {', '.join(map(str, choices))}"
                 )
+            check_finite(cli_name(f.name), getattr(self, f.name))
         self.validate()
 
     def validate(self) -> None:
@@ -135,6 +143,26 @@ def parse_params(method: str, args: Sequence[str]) -> Params:
         return cls(**values)
     except AdbError as exc:
         raise AdbError(f"{method}: {exc}") from None
+
+
+FLOAT32_MAX = float(torch.finfo(torch.float32).max)
+
+
+def check_finite(key: str, value: Any) -> None:
+    """Refuse a number (or a number in a tuple) that is nan, ±inf or beyond float32's range.
+
+    Merges compute in float32: `lambda=inf` or `weights=nan,1` would commit NaN tensors, and
+    `lambda=1e39` becomes inf on the way, so such values are refused before anything runs."""
+    for v in value if isinstance(value, tuple) else (value,):
+        if not isinstance(v, float):  # ints (seed, k, step) are exact and never overflow
+            continue
+        if not math.isfinite(v):
+            raise AdbError(f"{key}={v} is not a finite number; pass a real value such as 1")
+        if abs(v) > FLOAT32_MAX:
+            raise AdbError(
+                f"{key}={v:g} is beyond float32's range (±{FLOAT32_MAX:.3g}), where merges "
+                "compute; pass a smaller value"
+            )
 
 
 def cli_name(field: str) -> str:
@@ -230,12 +258,74 @@ def check_out(out: torch.Tensor, like: Shaped, name: str) -> None:
         )
 
 
+def check_result(name: str, result: torch.Tensor, like: Shaped) -> torch.Tensor:
+    """Refuse a merged tensor that is not finite or not shaped like its sources.
+
+    The last line of defence before a result is written or committed (an import refuses
+    non-finite tensors; a merge must not make them). One float32 sum tells finite results
+    apart in one read; only a sum that overflowed is checked element by element."""
+    if result.shape != like.shape or result.dtype != like.dtype:
+        raise MismatchError(
+            f"merged tensor {name!r} came out {result.dtype} {tuple(result.shape)}, not "
+            f"{like.dtype} {tuple(like.shape)} like its sources; this is a bug in the method, "
+            "please report it"
+        )
+    total = result.sum(dtype=torch.float32)
+    if not bool(torch.isfinite(total)) and not bool(torch.isfinite(result).all()):
+        bad = int((~torch.isfinite(result)).sum())
+        raise AdbError(
+            f"merged tensor {name!r} has {bad} non-finite value(s) (nan/inf): the parameters "
+            "overflow on these sources; lower lambda/weights (nothing was committed)"
+        )
+    return result
+
+
+def check_scale(method: str, p: Params) -> None:
+    """Refuse parameters whose combined scale leaves float32 before any tensor is read.
+
+    Each is finite on its own (`check_finite`), but a method multiplies them: λ·w_t (and
+    /density for DARE's rescaling; dividing always is conservative for TIES). Beyond float32's
+    range torch raises mid-merge or every entry becomes inf."""
+    lam = abs(float(getattr(p, "lam", 1.0)))
+    weights = getattr(p, "weights", None) or (1.0,)
+    density = float(getattr(p, "density", 1.0))
+    scale = lam * max(abs(float(w)) for w in weights) / (density if density > 0 else 1.0)
+    if not scale <= FLOAT32_MAX:
+        raise AdbError(
+            f"{method}: lambda x weights / density = {scale:.3g} is beyond float32's range "
+            f"(±{FLOAT32_MAX:.3g}); lower lambda or the weights"
+        )
+
+
+class _Only(Mapping[str, torch.Tensor]):
+    """The named subset of a source mapping (keeps its lazy `layout`): what a method's global
+    pass reads when some tensors are values, not task vectors."""
+
+    def __init__(self, source: Mapping[str, torch.Tensor], names: Sequence[str]) -> None:
+        self._source, self._names = source, list(names)
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        if name not in self._names:
+            raise KeyError(name)
+        return self._source[name]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._names)
+
+    def __len__(self) -> int:
+        return len(self._names)
+
+    def layout(self, name: str) -> Shaped:
+        return layout_of(self._source, name)
+
+
 def merge_adapters(
     method: str,
     sources: Sequence[Mapping[str, torch.Tensor]],
     params: Params | None = None,
     out: Mapping[str, torch.Tensor] | None = None,
     reuse: bool = False,
+    kinds: Mapping[str, Kind] | None = None,
 ) -> Iterator[tuple[str, torch.Tensor]]:
     """Merge whole adapters: validate, run the method's global pass, then yield tensor by tensor.
 
@@ -246,16 +336,37 @@ def merge_adapters(
     `reuse=True` is for consumers done with each result before drawing the next (storing it,
     writing it out): every result of one shape and dtype lands in the same buffer, so a merge
     touches fresh memory once per shape instead of once per tensor.
+
+    `kinds` (`adapterdb.tensorkinds.classify` of PEFT names) marks the tensors that are values,
+    not task vectors: those are merged by `fullweights.merge_values` and kept out of the global
+    pass. Without it every tensor is a task vector (names need not be PEFT's). Every result is
+    checked (`check_result`) before it is yielded.
     """
+    from adapterdb.merging.fullweights import merge_values
+
     m = get(method)
     p = m.params() if params is None else params
     if not isinstance(p, m.params):
         raise AdbError(f"{method}: expected {m.params.__name__}, got {type(p).__name__}")
     check_sources(sources)
+    weights = getattr(p, "weights", None)
+    if weights is not None and len(weights) != len(sources):
+        raise MismatchError(
+            f"{method}: weights has {len(weights)} values for {len(sources)} sources; pass one "
+            "weight per source"
+        )
+    check_scale(method, p)
     buffers = dict(out or {})
     for name, buf in buffers.items():
         check_out(buf, layout_of(sources[0], name), name)
-    thresholds = m.prepare(sources, p) if m.prepare is not None else None
+    kind = {name: (kinds or {}).get(name, Kind.FACTOR) for name in sources[0]}
+    deltas = [name for name, k in kind.items() if k.is_delta]
+    if m.prepare is None:
+        thresholds = None
+    elif len(deltas) == len(kind):
+        thresholds = m.prepare(sources, p)
+    else:
+        thresholds = m.prepare([_Only(s, deltas) for s in sources], p) if deltas else None
     pool: dict[tuple[torch.Size, torch.dtype], torch.Tensor] = {}
 
     def merged(name: str) -> torch.Tensor:
@@ -266,6 +377,19 @@ def merge_adapters(
             if key not in pool:
                 pool[key] = torch.empty_like(tensors[0], memory_format=torch.contiguous_format)
             buf = pool[key]
-        return m.merge(tensors, p, Context(name, thresholds, buf))
+        ctx = Context(name, thresholds, buf)
+        try:
+            if kind[name].is_delta:
+                result = m.merge(tensors, p, ctx)
+            else:
+                result = merge_values(method, tensors, p, kind[name], ctx)
+        except RuntimeError as exc:  # torch refusing a scalar beyond float32 (a safety net)
+            if "overflow" not in str(exc):
+                raise
+            raise AdbError(
+                f"{method}: tensor {name!r} overflows float32 with these parameters; lower "
+                "lambda/weights (nothing was committed)"
+            ) from None
+        return check_result(name, result, tensors[0])
 
     return ((name, merged(name)) for name in sources[0])
