@@ -13,7 +13,7 @@ untimed warm-up:
 - masks through `ObjectStore.put_mask`: 50% density <= 1.02 bits per parameter, 1% density
   within 1.2x of its entropy bound;
 - memcpy of the same bytes as the physical reference, and a serial stage breakdown (read,
-  hash, plane split, zstd, fsync, imports) that says where the time goes.
+  hash, encode/decode, fsync, imports) that says where the time goes.
 
 All files are written just before they are read, so every read hits the page cache (the cache
 cannot be dropped without root); adb and safetensors see the same warm cache.
@@ -250,17 +250,17 @@ def _stage(fn: Callable[[], object], repeat: int) -> float:
 def commit_stages(work: Path, peft: Path, repeat: int) -> dict[str, float]:
     """Serial (one thread) seconds of each step `adb import` takes on the whole adapter."""
     _, raw, _ = read_peft_raw(peft)
-    planes = [codec.split_planes(t.data, t.itemsize) for t in raw.values()]
-    blobs = [b"".join(codec.compress(p) for p in tp) for tp in planes]
+    encoded = [codec.encode_tensor(t.data, t.dtype, t.itemsize)[1] for t in raw.values()]
+    blobs = [b"".join(bytes(f) for f in fs) for fs in encoded]
     folder = work / "stage-files"
     stages = {
         "read_peft_raw (header, mmap)": _stage(lambda: read_peft_raw(peft), repeat),
         "finite check": _stage(lambda: check_finite(raw, "bench"), repeat),
         "sha256": _stage(lambda: [hashlib.sha256(t.data).digest() for t in raw.values()], repeat),
-        "plane split": _stage(
-            lambda: [codec.split_planes(t.data, t.itemsize) for t in raw.values()], repeat
+        "encode (codec 2: plane split + zstd)": _stage(
+            lambda: [codec.encode_tensor(t.data, t.dtype, t.itemsize) for t in raw.values()],
+            repeat,
         ),
-        "zstd compress": _stage(lambda: [codec.compress(p) for tp in planes for p in tp], repeat),
         "write files (no fsync)": _stage(lambda: _write_files(folder, blobs, False), repeat),
         "write files + fsync each": _stage(lambda: _write_files(folder, blobs, True), repeat),
         "provenance (cwd not in git)": _stage(lambda: code_provenance(work), repeat),
@@ -278,11 +278,17 @@ def checkout_stages(work: Path, repeat: int) -> dict[str, float]:
     manifest = store.manifest_of("main")
     entries = list(manifest.tensors.values())
     paths = [store.objects.path(e.id) for e in entries]
-    frames = [store.objects._read(e.id)[2] for e in entries]  # the store's own framing
+    objects = [store.objects._read(e.id)[1:] for e in entries]  # the store's own framing
     sizes = [int(np.prod(e.shape, dtype=np.int64)) for e in entries]
     width = {e.dtype: TENSOR_DTYPES[e.dtype][0] for e in entries}
-    decoded = [[np.frombuffer(codec.decompress(f), np.uint8) for f in fs] for fs in frames]
-    joined = [codec.join_planes(p, width[e.dtype]) for p, e in zip(decoded, entries, strict=True)]
+
+    def decode() -> list[np.ndarray]:
+        return [
+            codec.decode_tensor(h["planes"], fs, e.dtype, width[e.dtype], n)
+            for (h, fs), e, n in zip(objects, entries, sizes, strict=True)
+        ]
+
+    joined = decode()
     raws = {
         str(i): RawTensor(e.dtype, (n,), d)
         for i, (e, n, d) in enumerate(zip(entries, sizes, joined, strict=True))
@@ -290,15 +296,7 @@ def checkout_stages(work: Path, repeat: int) -> dict[str, float]:
     out = work / "stage-out.safetensors"
     stages = {
         "read object files": _stage(lambda: [p.read_bytes() for p in paths], repeat),
-        "zstd decompress": _stage(
-            lambda: [codec.decompress(f) for fs in frames for f in fs], repeat
-        ),
-        "plane join": _stage(
-            lambda: [
-                codec.join_planes(p, width[e.dtype]) for p, e in zip(decoded, entries, strict=True)
-            ],
-            repeat,
-        ),
+        "decode (codec 2: zstd + plane join)": _stage(decode, repeat),
         "sha256 verify": _stage(lambda: [hashlib.sha256(d).digest() for d in joined], repeat),
         "write safetensors (+ fsync)": _stage(lambda: write_safetensors(out, raws), repeat),
     }
