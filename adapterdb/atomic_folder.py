@@ -27,21 +27,11 @@ import shutil
 from collections.abc import Callable, Mapping
 from pathlib import Path
 
+from adapterdb import failpoints
+from adapterdb.durable import fsync_dir, pid_alive
 from adapterdb.errors import AdbError
-from adapterdb.storage import failpoints
-from adapterdb.storage.objects import fsync_dir
 
 _STAGE = re.compile(r"\.(?P<name>.+)\.adb-(?P<pid>\d+)-[0-9a-f]+\.(?P<state>new|ready)")
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except (PermissionError, OverflowError):
-        return True
-    return True
 
 
 def _stages(out: Path) -> list[tuple[Path, int, str]]:
@@ -83,7 +73,7 @@ def recover(out: Path) -> None:
     """Finish or undo what a killed write to `out` left beside it (writers still alive are
     left alone): a complete `.ready` stage is moved in, an incomplete `.new` one deleted."""
     for stage, pid, state in _stages(out):
-        if _alive(pid) and pid != os.getpid():
+        if pid_alive(pid) and pid != os.getpid():
             continue
         if state == "ready" and out.is_dir():
             _move_in(stage, out)
@@ -91,7 +81,7 @@ def recover(out: Path) -> None:
             shutil.rmtree(stage, ignore_errors=True)
     for name in os.listdir(out) if out.is_dir() else []:  # temp files of older versions
         m = re.fullmatch(r"\..+\.tmp(\d+)", name)
-        if m and not _alive(int(m[1])):
+        if m and not pid_alive(int(m[1])):
             with contextlib.suppress(OSError):
                 os.unlink(out / name)
 

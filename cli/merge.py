@@ -104,8 +104,9 @@ def check_space(space: str, rank: int | None) -> None:
         raise AdbError(f"unknown space {space!r}; use factors or product")
     if rank is not None and space != "product":
         raise AdbError("--rank only applies to --space product (factor space keeps the ranks)")
-    if rank is not None and rank < 1:
-        raise AdbError(f"--rank {rank}: a LoRA rank must be >= 1; omit it for the largest input's")
+    from adapterdb.trainers.merge import check_rank  # imports torch: merge has it loaded
+
+    check_rank(rank)
 
 
 def _report(warnings: list[str], errors: dict[str, float]) -> None:

@@ -39,8 +39,10 @@ from typing import Any
 
 import numpy as np
 
+from adapterdb import failpoints
+from adapterdb.durable import fsync_dir, pid_alive
 from adapterdb.errors import CorruptObjectError, NotFoundError
-from adapterdb.storage import codec, failpoints
+from adapterdb.storage import codec
 from adapterdb.tensorfile import DTYPES, RawTensor
 
 MAGIC = b"ADB1"
@@ -74,16 +76,6 @@ def _digest(*parts: bytes | np.ndarray | memoryview) -> str:
     for p in parts:
         h.update(p)
     return h.hexdigest()
-
-
-def fsync_dir(path: Path, label: str = "file") -> None:
-    """Make a rename in `path` durable (POSIX needs the directory fsynced too)."""
-    failpoints.hit(f"{label}.fsync_dir")
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def atomic_write(
@@ -131,15 +123,7 @@ def atomic_write(
 def _writer_alive(name: str) -> bool:
     """Whether the process named in a temp or pin file name (`.tmp-PID-…`, `PID-…`) runs."""
     m = re.match(r"(?:\.tmp-)?(\d+)-", name)
-    if not m:
-        return False
-    try:
-        os.kill(int(m[1]), 0)
-    except ProcessLookupError:
-        return False
-    except (PermissionError, OverflowError, ValueError):
-        return True
-    return True
+    return bool(m) and pid_alive(int(m[1]))
 
 
 def unlocked(path: Path) -> bool:
@@ -459,7 +443,11 @@ class ObjectStore:
         return {b"T": "tensor", b"M": "mask", b"J": "json"}.get(self._read(oid)[0], "unknown")
 
     def get_tensor(self, oid: str) -> RawTensor:
-        kind, header, frames = self._read(oid)
+        return self._tensor(oid, *self._read(oid))
+
+    def _tensor(
+        self, oid: str, kind: bytes, header: dict[str, Any], frames: list[memoryview]
+    ) -> RawTensor:
         try:
             if kind != b"T" or header["dtype"] not in DTYPES:
                 raise ValueError("not a tensor object")
@@ -480,7 +468,11 @@ class ObjectStore:
         return RawTensor(dtype, shape, data)
 
     def get_mask(self, oid: str) -> np.ndarray:
-        kind, header, frames = self._read(oid)
+        return self._mask(oid, *self._read(oid))
+
+    def _mask(
+        self, oid: str, kind: bytes, header: dict[str, Any], frames: list[memoryview]
+    ) -> np.ndarray:
         try:
             if kind != b"M":
                 raise ValueError("not a mask object")
@@ -493,7 +485,9 @@ class ObjectStore:
         return mask
 
     def get_json(self, oid: str) -> Any:
-        kind, _, frames = self._read(oid)
+        return self._json(oid, *self._read(oid))
+
+    def _json(self, oid: str, kind: bytes, header: dict[str, Any], frames: list[memoryview]) -> Any:
         try:
             if kind != b"J" or len(frames) != 1:
                 raise ValueError("not a JSON object")
@@ -508,9 +502,10 @@ class ObjectStore:
             raise self._corrupt(oid, f"not JSON: {type(exc).__name__}") from None
 
     def verify(self, oid: str) -> None:
-        """Decode and re-hash one object; raises CorruptObjectError when it is damaged."""
-        getter = {"tensor": self.get_tensor, "mask": self.get_mask, "json": self.get_json}
-        kind = self.kind(oid)
-        if kind not in getter:
+        """Decode and re-hash one object (its file read once); raises CorruptObjectError when
+        it is damaged."""
+        kind, header, frames = self._read(oid)
+        decoders = {b"T": self._tensor, b"M": self._mask, b"J": self._json}
+        if kind not in decoders:
             raise self._corrupt(oid, "unknown object kind")
-        getter[kind](oid)
+        decoders[kind](oid, kind, header, frames)

@@ -18,9 +18,10 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
+from adapterdb import failpoints
+from adapterdb.durable import fsync_dir
 from adapterdb.errors import AdbError, ConflictError, CorruptStateError, NotFoundError
-from adapterdb.storage import failpoints
-from adapterdb.storage.objects import TMP_DIR, atomic_write, fsync_dir, sweep_leftovers
+from adapterdb.storage.objects import TMP_DIR, atomic_write, sweep_leftovers
 
 HEADS, TAGS = "refs/heads/", "refs/tags/"
 _NAME_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.+@=-]*(/[A-Za-z0-9_][A-Za-z0-9_.+@=-]*)*$")
@@ -85,6 +86,11 @@ def _parse_reflog_line(line: bytes) -> ReflogEntry | None:
         return None
     old, new = (None if v == b"-" else v.decode() for v in (m[1], m[2]))
     return ReflogEntry(old, new, float(m[3]), message)
+
+
+def _reflog_line(e: ReflogEntry) -> str:
+    """`old new time<TAB>message` (`-` for no commit; the message on one line)."""
+    return f"{e.old or '-'} {e.new or '-'} {e.time:.3f}\t{' '.join(e.message.split())}\n"
 
 
 def shown(raw: bytes) -> str:
@@ -194,27 +200,31 @@ class RefStore:
 
     def set_head(self, branch: str) -> None:
         """Point HEAD at `branch`; on a failure HEAD is left as it was."""
-        text = f"ref: {HEADS}{check_ref_name(branch)}\n".encode()
-        path = self.root / "HEAD"
         with self.locked():
             sweep_leftovers(self.root)
-            try:
-                old: bytes | None = path.read_bytes()
-            except FileNotFoundError:  # a missing HEAD is what `branch --switch` repairs
-                old = None
-            moved = False
-            try:
-                atomic_write(path, [text], tmp_dir=self.root / TMP_DIR, label="head")
-                moved = True
-                fsync_dir(self.root, "head")
-            except BaseException:
-                if moved:  # written but not durable: put the old HEAD back
-                    with contextlib.suppress(Exception):
-                        if old is None:
-                            path.unlink()
-                        else:
-                            atomic_write(path, [old], tmp_dir=self.root / TMP_DIR, label="head")
-                raise
+            self.write_head(branch)
+
+    def write_head(self, branch: str) -> None:
+        """`set_head` for a caller that holds `locked()` already (`fsck --repair`)."""
+        text = f"ref: {HEADS}{check_ref_name(branch)}\n".encode()
+        path = self.root / "HEAD"
+        try:
+            old: bytes | None = path.read_bytes()
+        except FileNotFoundError:  # a missing HEAD is what `branch --switch` repairs
+            old = None
+        moved = False
+        try:
+            atomic_write(path, [text], tmp_dir=self.root / TMP_DIR, label="head")
+            moved = True
+            fsync_dir(self.root, "head")
+        except BaseException:
+            if moved:  # written but not durable: put the old HEAD back
+                with contextlib.suppress(Exception):
+                    if old is None:
+                        path.unlink()
+                    else:
+                        atomic_write(path, [old], tmp_dir=self.root / TMP_DIR, label="head")
+            raise
 
     def update(self, ref: str, new: str | None, expected: str | None, message: str) -> None:
         """Compare-and-swap `ref` from `expected` to `new` (None deletes), with a reflog line.
@@ -240,23 +250,29 @@ class RefStore:
                     f"commit {new[:12]} is not in the store (a concurrent gc may have removed "
                     "it); run the command again"
                 )
-            path = self.root / ref
-            undo_log = self._log(ref, current, new, message)
-            moved = False
-            try:
-                if new is None:
-                    failpoints.hit("ref.delete")
-                    path.unlink(missing_ok=True)
-                else:
-                    self._write_ref(path, new)
-                moved = True
-                fsync_dir(path.parent, "ref")
-            except BaseException:
-                with contextlib.suppress(Exception):
-                    if moved:
-                        self._put_back(path, current)
-                    undo_log()
-                raise
+            self.move(ref, current, new, message)
+
+    def move(self, ref: str, current: str | None, new: str | None, message: str) -> None:
+        """Move `ref` from `current` to `new` without comparing: the second half of `update`,
+        for a caller that holds `locked()` and knows better than the ref file (`fsck --repair`
+        of a ref that holds garbage). Reflog line first; a failure takes back both."""
+        path = self.root / ref
+        undo_log = self._log(ref, current, new, message)
+        moved = False
+        try:
+            if new is None:
+                failpoints.hit("ref.delete")
+                path.unlink(missing_ok=True)
+            else:
+                self._write_ref(path, new)
+            moved = True
+            fsync_dir(path.parent, "ref")
+        except BaseException:
+            with contextlib.suppress(Exception):
+                if moved:
+                    self._put_back(path, current)
+                undo_log()
+            raise
 
     def _write_ref(self, path: Path, value: str) -> None:
         atomic_write(path, [f"{value}\n".encode()], tmp_dir=self.root / TMP_DIR, label="ref")
@@ -274,8 +290,7 @@ class RefStore:
         """Append one reflog line, fsynced; returns what takes it back out again."""
         path = self.root / "logs" / ref
         path.parent.mkdir(parents=True, exist_ok=True)
-        msg = " ".join(message.split())
-        line = f"{old or '-'} {new or '-'} {time.time():.3f}\t{msg}\n".encode()
+        line = _reflog_line(ReflogEntry(old, new, time.time(), message)).encode()
         fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
         size = os.fstat(fd).st_size
         created = size == 0
@@ -313,11 +328,8 @@ class RefStore:
             failpoints.hit("reflog.expire")
             path.unlink(missing_ok=True)
             return
-        lines = [
-            f"{e.old or '-'} {e.new or '-'} {e.time:.3f}\t{' '.join(e.message.split())}\n"
-            for e in entries
-        ]
-        atomic_write(path, ["".join(lines).encode()], tmp_dir=self.root / TMP_DIR, label="reflog")
+        text = "".join(_reflog_line(e) for e in entries)
+        atomic_write(path, [text.encode()], tmp_dir=self.root / TMP_DIR, label="reflog")
 
     def reflog(self, ref: str) -> list[ReflogEntry]:
         """The entries of `ref`'s reflog, oldest first; raises on a damaged line."""

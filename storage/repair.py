@@ -20,7 +20,6 @@ from adapterdb.errors import (
     CorruptStateError,
     SchemaViolationError,
 )
-from adapterdb.storage.objects import TMP_DIR, atomic_write, fsync_dir
 from adapterdb.storage.refs import HEADS, ReflogEntry, shown
 from adapterdb.storage.store import Store
 
@@ -34,7 +33,7 @@ class RepairReport:
 def repair(store: Store) -> RepairReport:
     """Repair refs (from the reflogs), then the reflogs, then HEAD (it names a ref)."""
     report = RepairReport()
-    with store.refs.locked():  # writes go straight to the files: update() would re-lock
+    with store.refs.locked():  # one lock for all of it: writes use move/write_head, not update
         _repair_refs(store, report)
         for ref in store.refs.reflog_refs():
             _repair_reflog(store, ref, report)
@@ -110,21 +109,8 @@ def _repair_refs(store: Store, report: RepairReport) -> None:
                 f"objects from a backup, or delete {store.root / ref} to drop it"
             )
             continue
-        _write_ref(store, ref, current, restore)
+        store.refs.move(ref, current, restore, "fsck --repair: restored from the reflog")
         report.done.append(f"{ref} {what}; reset to {restore[:12]}, its newest readable value")
-
-
-def _write_ref(store: Store, ref: str, current: str | None, restore: str) -> None:
-    """Reflog line first, then the ref (as `RefStore.update`); a failed write takes the line
-    back. `update` itself cannot be used: it re-reads the broken value and refuses."""
-    path = store.root / ref
-    undo = store.refs._log(ref, current, restore, "fsck --repair: restored from the reflog")
-    try:
-        atomic_write(path, [f"{restore}\n".encode()], tmp_dir=store.root / TMP_DIR, label="ref")
-    except BaseException:
-        undo()
-        raise
-    fsync_dir(path.parent, "ref")
 
 
 def _repair_head(store: Store, report: RepairReport) -> None:
@@ -135,8 +121,5 @@ def _repair_head(store: Store, report: RepairReport) -> None:
         pass
     branches, _ = store.refs.scan(HEADS)
     name = "main" if "main" in branches or not branches else sorted(branches)[0]
-    atomic_write(
-        store.root / "HEAD", [f"ref: {HEADS}{name}\n".encode()], tmp_dir=store.root / TMP_DIR
-    )
-    fsync_dir(store.root, "head")
+    store.refs.write_head(name)
     report.done.append(f"HEAD was missing or damaged; it now names branch {name}")

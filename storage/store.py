@@ -17,6 +17,7 @@ from fnmatch import fnmatchcase
 from pathlib import Path
 from typing import Any
 
+from adapterdb import failpoints
 from adapterdb.errors import (
     AdbError,
     ConflictError,
@@ -24,7 +25,6 @@ from adapterdb.errors import (
     CorruptStateError,
     NotFoundError,
 )
-from adapterdb.storage import failpoints
 from adapterdb.storage.commits import Commit, Manifest, TensorEntry
 from adapterdb.storage.objects import ObjectStore, atomic_write, unlocked
 from adapterdb.storage.provenance import author, code_provenance
@@ -342,10 +342,7 @@ class Store:
             for r in self.refs.reflog_refs():
                 log = self.refs.read_reflog(r)
                 problems.extend(log.problems())
-                for i, e in enumerate(log.entries):
-                    for v in (e.old, e.new):
-                        if v:
-                            roots[f"{r}@{{{i}}}"] = v
+                roots.update(_reflog_roots(r, log.entries))
         if problems and errors is None:
             raise CorruptStateError(problems[0])
         if errors is not None:
@@ -452,10 +449,7 @@ class Store:
             plan = self._reflog_plan(None if expire is None else start - expire)
             roots = self._roots(with_reflog=False)
             for r, (kept, _) in plan.items():
-                for i, e in enumerate(kept):
-                    for v in (e.old, e.new):
-                        if v:
-                            roots[f"{r}@{{{i}}}"] = v
+                roots.update(_reflog_roots(r, kept))
             errors: list[str] = []
             live = self._reachable(roots, errors)
             if errors:
@@ -528,6 +522,11 @@ def _check_format(path: Path) -> None:
         f"{path} is damaged: it holds {shown(raw)}, not '{FORMAT}'; "
         f"write '{FORMAT}' into it if this is an adb store"
     )
+
+
+def _reflog_roots(ref: str, entries: list[ReflogEntry]) -> dict[str, str]:
+    """The commits a reflog's entries keep alive, labelled `ref@{i}`."""
+    return {f"{ref}@{{{i}}}": v for i, e in enumerate(entries) for v in (e.old, e.new) if v}
 
 
 def _doc_type(doc: Any) -> Any:

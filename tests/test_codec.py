@@ -426,9 +426,7 @@ OLD_VALUES = np.array([0.5, -1.25, 3.0e-3, -0.0, np.inf, 1e-40, -2.5e-4, 7.0], d
 
 def test_objects_written_by_the_old_codec_still_read(tmp_path: Path) -> None:
     objects = ObjectStore(tmp_path)
-    path = objects.path(OLD_OID)
-    path.parent.mkdir(parents=True)
-    path.write_bytes(OLD_BLOB)
+    path = plant(objects, OLD_OID, OLD_BLOB)
     t = objects.get_tensor(OLD_OID)
     assert (t.dtype, t.shape) == ("F32", (2, 4))
     assert t.data.tobytes() == OLD_VALUES.tobytes()
@@ -475,9 +473,7 @@ def test_objects_written_by_the_numpy_codec_2_still_read(tmp_path: Path, simd: b
     """The kernel reads what the numpy encoder wrote (the read re-hashes: same bytes), and
     writes the same frames for the same tensor."""
     objects = ObjectStore(tmp_path)
-    path = objects.path(NUMPY_CODEC2_OID)
-    path.parent.mkdir(parents=True)
-    path.write_bytes(NUMPY_CODEC2_BLOB)
+    path = plant(objects, NUMPY_CODEC2_OID, NUMPY_CODEC2_BLOB)
     t = objects.get_tensor(NUMPY_CODEC2_OID)
     assert (t.dtype, t.shape) == ("BF16", (3, 67))
     header = read_header(objects, NUMPY_CODEC2_OID)
@@ -488,6 +484,14 @@ def test_objects_written_by_the_numpy_codec_2_still_read(tmp_path: Path, simd: b
     path.unlink()
     assert objects.put_tensor(t) == NUMPY_CODEC2_OID
     assert path.read_bytes() == NUMPY_CODEC2_BLOB
+
+
+def plant(objects: ObjectStore, oid: str, blob: bytes) -> Path:
+    """Put an object file written by an earlier encoder where the store looks for `oid`."""
+    path = objects.path(oid)
+    path.parent.mkdir(parents=True)
+    path.write_bytes(blob)
+    return path
 
 
 def read_header(objects: ObjectStore, oid: str) -> dict[str, Any]:

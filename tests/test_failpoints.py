@@ -37,7 +37,7 @@ from conftest import make_peft, run_adb
 
 from adapterdb.adapter import CONFIG_FILE, WEIGHTS_FILE, read_peft_raw
 from adapterdb.errors import AdbError
-from adapterdb.storage.failpoints import RECORD_ENV
+from adapterdb.failpoints import RECORD_ENV
 from adapterdb.storage.objects import PINS_DIR, TEMP_PREFIX, TMP_DIR
 from adapterdb.storage.store import STORE_DIR, Store
 

@@ -18,9 +18,9 @@ from pathlib import Path
 import pytest
 from conftest import ADB, adb_env, lora_tensors, make_peft, peft_config, run_adb
 
+from adapterdb import failpoints
 from adapterdb.adapter import CONFIG_FILE, WEIGHTS_FILE
 from adapterdb.errors import CorruptObjectError
-from adapterdb.storage import failpoints
 from adapterdb.storage.commits import Commit
 from adapterdb.storage.objects import PINS_DIR, TMP_DIR
 from adapterdb.storage.refs import HEADS, ReflogEntry

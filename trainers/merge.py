@@ -220,8 +220,7 @@ def product_merge(
     beyond it the factors only hold zeros (rank 1000 on a 32×32 layer was 31x its dense size);
     capped layers are listed in `rank_pattern`, so PEFT loads them with their own rank.
     """
-    if rank is not None and rank < 1:
-        raise AdbError(f"--rank {rank}: a LoRA rank must be >= 1; omit it for the largest input's")
+    check_rank(rank)
     first = sources[0]
     pairs, rest = lora_pairs(first.layout)
     ranks = [s.layout[p.a][1][0] for s in sources for p in pairs if p.a in s.layout]
@@ -280,6 +279,12 @@ def product_merge(
             yield from factors(module, *dense_refactor(dw, layer_rank[module], module), dtype)
 
     return MergeResult(stream(), config, errors, notes)
+
+
+def check_rank(rank: int | None) -> None:
+    """A product-space target rank is a whole number >= 1 (None: the largest input's)."""
+    if rank is not None and rank < 1:
+        raise AdbError(f"--rank {rank}: a LoRA rank must be >= 1; omit it for the largest input's")
 
 
 def full_rank(layout: Mapping[str, tuple[str, tuple[int, ...]]], pair: Any) -> int:
