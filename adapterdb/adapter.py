@@ -131,11 +131,17 @@ def read_peft_raw(
             "(save with safe_serialization=True)"
         )
     tensors, metadata = read_safetensors(weights)
-    if not tensors:
-        raise AdbError(f"{weights} holds no tensors; nothing to import")
-    check_finite(tensors, str(weights))
-    check_lora_shapes(tensors, str(weights))
+    check_tensors(tensors, str(weights))
     return config, tensors, metadata
+
+
+def check_tensors(tensors: Mapping[str, RawTensor], where: str) -> None:
+    """What every adapter must pass before it is stored, from a folder or from Python: some
+    tensors, all finite, LoRA factors that fit together."""
+    if not tensors:
+        raise AdbError(f"{where} holds no tensors; nothing to import")
+    check_finite(tensors, where)
+    check_lora_shapes(tensors, where)
 
 
 def write_peft_raw(
@@ -156,6 +162,59 @@ def write_peft_raw(
             CONFIG_FILE: lambda p: write_text(p, text),
         },
     )
+
+
+def check_adapter(adapter: Adapter, where: str) -> dict[str, Any]:
+    """An `Adapter` built in Python holds what a PEFT folder would (str names to torch
+    tensors, a valid LoRA config, str metadata); its config as plain JSON. Checked where one is
+    handed in, so a wrong value is one line there, not a crash in a merge or an unreadable
+    commit."""
+    import torch
+
+    if not isinstance(adapter.tensors, Mapping) or not isinstance(adapter.config, Mapping):
+        raise AdbError(f"{where}: tensors and config must be dicts; build Adapter(tensors, config)")
+    for name, t in adapter.tensors.items():
+        if not isinstance(name, str) or not isinstance(t, torch.Tensor):
+            raise AdbError(
+                f"{where}: {str(name)[:80]!r} maps to a {type(t).__name__}; an adapter maps "
+                "tensor names (str) to torch tensors"
+            )
+    metadata = adapter.metadata
+    if not isinstance(metadata, Mapping) or not all(
+        isinstance(k, str) and isinstance(v, str) for k, v in metadata.items()
+    ):
+        raise AdbError(f"{where}: metadata must map str to str (safetensors metadata)")
+    config = plain_config(adapter.config)
+    try:
+        json.dumps(config, allow_nan=False)
+    except (TypeError, ValueError) as exc:
+        raise AdbError(
+            f"{where}: the config is not plain JSON ({exc}); pass PEFT's config.to_dict()"
+        ) from None
+    check_lora_config(config, where)
+    return config
+
+
+def plain_config(value: Any) -> Any:
+    """A PEFT config as JSON: `LoraConfig.to_dict()` holds sets (`target_modules`) and enums
+    (`task_type`); sets become sorted lists, enums their values, keys strings."""
+    if isinstance(value, Mapping):
+        return {str(k): plain_config(v) for k, v in value.items()}
+    if isinstance(value, list | tuple | set | frozenset):
+        items = [plain_config(v) for v in value]
+        return sorted(items, key=str) if isinstance(value, set | frozenset) else items
+    if hasattr(value, "value") and not isinstance(value, int | float | str | bool):
+        return value.value
+    return value
+
+
+def adapter_raw(adapter: Adapter, where: str) -> tuple[dict[str, Any], dict[str, RawTensor]]:
+    """An in-memory adapter as (config, raw tensors), checked as `read_peft_raw` checks a
+    folder: what `adb import` would refuse, committing it from Python refuses too."""
+    config = check_adapter(adapter, where)
+    raw = {name: from_torch(t) for name, t in adapter.tensors.items()}
+    check_tensors(raw, where)
+    return config, raw
 
 
 def load_peft(path: str | os.PathLike[str]) -> Adapter:
@@ -205,10 +264,20 @@ def from_torch(t: torch.Tensor) -> RawTensor:
     """The raw little-endian bytes of a CPU tensor."""
     import torch
 
-    code = {v: k for k, v in _TORCH_DTYPES.items()}[str(t.dtype).removeprefix("torch.")]
+    code = dtype_code(t.dtype)
     flat = t.detach().cpu().contiguous().reshape(-1)
     data = flat.view(torch.uint8).numpy() if flat.numel() else np.empty(0, np.uint8)
     return RawTensor(code, tuple(t.shape), data)
+
+
+def dtype_code(dtype: torch.dtype) -> str:
+    """The safetensors code ("F32", "BF16", ...) of a torch dtype; one line for a dtype the
+    format cannot hold (a complex or float8 tensor handed in from Python)."""
+    name = str(dtype).removeprefix("torch.")
+    for code, torch_name in _TORCH_DTYPES.items():
+        if torch_name == name:
+            return code
+    raise AdbError(f"tensors of dtype {name} cannot be stored; convert them (e.g. .float()) first")
 
 
 def lora_scale(config: Mapping[str, Any], module: str, rank: int) -> float:

@@ -98,6 +98,19 @@ def check_complete(folder: Path) -> None:
 def write_folder(out: str | os.PathLike[str], files: Mapping[str, Callable[[Path], None]]) -> Path:
     """Write `files` (file name -> function writing that file, fsynced, at the path it gets)
     into the folder `out` as one unit; other files already in `out` stay."""
+
+    def fill(stage: Path) -> None:
+        for name, write in files.items():
+            failpoints.hit("output.write")
+            write(stage / name)
+
+    return write_staged(out, fill)
+
+
+def write_staged(out: str | os.PathLike[str], fill: Callable[[Path], None]) -> Path:
+    """Write the folder `out` as one unit: `fill(stage)` writes every file of it into an empty
+    stage folder and fsyncs them, for writers that name their own files (`save_pretrained`);
+    other files already in `out` stay."""
     out = Path(out).absolute()
     if out.is_symlink():
         out = out.resolve()
@@ -115,9 +128,7 @@ def write_folder(out: str | os.PathLike[str], files: Mapping[str, Callable[[Path
         stage = out / stage.name
         stage.mkdir()
     try:
-        for name, write in files.items():
-            failpoints.hit("output.write")
-            write(stage / name)
+        fill(stage)
         fsync_dir(stage, "output")
         in_place = stage.parent == out or out == Path.cwd()  # never swap a folder in use
         if not in_place and (not out.is_dir() or not any(out.iterdir())):

@@ -8,9 +8,10 @@ live writer's leftovers from a dead one's; imports only flow into `adapterdb`, n
 from __future__ import annotations
 
 import os
+from collections.abc import Iterable
 from pathlib import Path
 
-from adapterdb import failpoints
+from adapterdb import failpoints, iopool
 
 
 def fsync_dir(path: Path, label: str = "file") -> None:
@@ -21,6 +22,13 @@ def fsync_dir(path: Path, label: str = "file") -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def fsync_dirs(paths: Iterable[Path], label: str = "file") -> None:
+    """`fsync_dir` each folder, in parallel: each call waits on the disk, not the CPU, and the
+    file system's journal commits concurrent ones together (measured on ext4: 44 object
+    folders of a clone took 0.14 s one after another)."""
+    iopool.run_all(lambda path: fsync_dir(path, label), paths)
 
 
 def pid_alive(pid: int) -> bool:

@@ -6,6 +6,7 @@ its reference in the same run, and every report carries the machine and its load
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import platform
@@ -222,3 +223,13 @@ def write_json(name: str, doc: Mapping[str, Any]) -> Path:
     path = OUT_DIR / f"{name}.json"
     path.write_text(json.dumps(doc, indent=2, sort_keys=False) + "\n")
     return path
+
+
+def kernel_parser(doc: str | None) -> argparse.ArgumentParser:
+    """The options every one-thread kernel benchmark shares (--quick, --markdown, --threads),
+    described by the first line of the script's docstring."""
+    parser = argparse.ArgumentParser(description=(doc or "").splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="smoke test, about a minute")
+    parser.add_argument("--markdown", action="store_true", help="print markdown tables")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
+    return parser

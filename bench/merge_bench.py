@@ -53,6 +53,7 @@ from common import (
     describe_machine,
     fmt,
     format_table,
+    kernel_parser,
     machine_info,
     run_command,
     time_call,
@@ -956,10 +957,7 @@ def condu_lines(condu: Mapping[str, Any]) -> list[str]:
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="smoke test, about a minute")
-    parser.add_argument("--markdown", action="store_true", help="print markdown tables")
-    parser.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
+    parser = kernel_parser(__doc__)
     parser.add_argument(
         "--default-malloc",
         action="store_true",

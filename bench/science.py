@@ -23,6 +23,9 @@ from adapterdb.trainers.evaluate import EVALS, eval_chain, merge_steps
 
 COLUMNS = ("ACC", "BWT", "FWT", "A_t", "forgetting")
 MERGERS = ("average", "pam", "ties", "magmax", "condu")
+# issue 15's whole-layer methods, run second on the same stores (<seq>.layer.json)
+LAYER = ("opcm", "continual_ta", "continual_ties", "tsv", "iso_c", "iso_cts", "knots", "dop")
+ROWS = ("finetune", *MERGERS, *LAYER)
 
 
 def metric(run: dict, method: str, key: str) -> list[float]:
@@ -64,7 +67,7 @@ def claims(run: dict) -> list[tuple[str, str, str]]:
     """(claim, verdict, evidence) for the papers' claims that this run can test."""
     methods = run["matrices"]
     out = []
-    for m in (x for x in MERGERS if x in methods):
+    for m in (x for x in (*MERGERS, *LAYER) if x in methods):
         p = diff(run, m, "finetune", "BWT")
         out.append((f"{m} forgets less than fine-tuning (BWT {m} − finetune)", verdict(p), pts(p)))
     p = diff(run, "pam", "average", "BWT")
@@ -109,24 +112,41 @@ def condu_cost(store: Store) -> dict[str, float]:
     return {"unify_s": unify, "decouple_s": decouple, "train_s": train}
 
 
-def summarise(folder: Path, name: str) -> dict[str, Any]:
+def load_run(folder: Path, name: str) -> dict[str, Any]:
+    """<name>.json, with the whole-layer methods' matrices of <name>.layer.json (same store,
+    same orders) merged in where that run exists."""
     run = json.loads((folder / f"{name}.json").read_text())
+    layer_file = folder / f"{name}.layer.json"
+    if layer_file.is_file():
+        layer = json.loads(layer_file.read_text())
+        assert layer["orders"] == run["orders"], f"{layer_file} ran other task orders"
+        run["matrices"].update(layer["matrices"])
+        run["flagged"].update(layer["flagged"])
+    return run
+
+
+def wall_seconds(folder: Path, name: str) -> float:
+    """Both runs' wall time (the second only merges and evaluates)."""
+    files = (folder / f"{name}.time", folder / f"{name}.layer.time")
+    return sum(float(f.read_text().split()[0]) for f in files if f.is_file())
+
+
+def summarise(folder: Path, name: str) -> dict[str, Any]:
+    run = load_run(folder, name)
     doc = {
         "lr": run["lr"],
         "orders": run["orders"],
         "table": {
-            m: {k: cell(metric(run, m, k)) for k in COLUMNS}
-            for m in ("finetune", *MERGERS)
-            if m in run["matrices"]
+            m: {k: cell(metric(run, m, k)) for k in COLUMNS} for m in ROWS if m in run["matrices"]
         },
         "flagged": run["flagged"],
         "differences_vs_average": {
             m: {k: pts(diff(run, m, "average", k)) for k in ("ACC", "BWT")}
-            for m in ("finetune", *MERGERS)
+            for m in ROWS
             if m in run["matrices"] and m != "average"
         },
         "claims": claims(run),
-        "wall_seconds": float((folder / f"{name}.time").read_text().split()[0]),
+        "wall_seconds": wall_seconds(folder, name),
         "condu_cost": condu_cost(Store.open(folder / name)),
         "zero_shot": statistics.fmean(run["zero_shot"].values()),
         "independent": statistics.fmean(run["independent"].values()),
@@ -173,7 +193,9 @@ def markdown(name: str, doc: dict[str, Any]) -> str:
 
 
 def main(folder: Path) -> None:
-    names = sorted(p.stem for p in folder.glob("*.json") if p.stem != "science")
+    names = sorted(
+        p.stem for p in folder.glob("*.json") if p.stem != "science" and "." not in p.stem
+    )
     docs = {name: summarise(folder, name) for name in names}
     (folder / "science.json").write_text(json.dumps(docs, indent=2))
     print("\n".join(markdown(name, doc) for name, doc in docs.items()))

@@ -6,8 +6,12 @@ Verbs live in one module per group; this module only wires them together and tur
 
 from __future__ import annotations
 
+import functools
+import inspect
 import os
 import sys
+from collections.abc import Callable
+from typing import Any
 
 import typer
 
@@ -19,14 +23,25 @@ app = typer.Typer(
     help="AdapterDB: version control and continual merging for LoRA adapters.",
     no_args_is_help=True,
     pretty_exceptions_enable=False,
-    add_completion=False,
+    add_completion=True,
 )
+
+STORE_HELP = "Store path (default: nearest .adb upwards)."
+
+
+def _print_version(show: bool) -> None:
+    if show:
+        from adapterdb import __version__
+
+        typer.echo(f"adb {__version__}")
+        raise typer.Exit()
 
 
 @app.callback()
 def root(
-    store: str = typer.Option(
-        None, "--store", envvar="ADB_STORE", help="Store path (default: nearest .adb upwards)."
+    store: str = typer.Option(None, "--store", envvar="ADB_STORE", help=STORE_HELP),
+    version: bool = typer.Option(
+        False, "--version", callback=_print_version, is_eager=True, help="Print the version."
     ),
 ) -> None:
     """Global options."""
@@ -34,15 +49,55 @@ def root(
         os.environ["ADB_STORE"] = store
 
 
+def accepts_store(verb: Callable[..., Any]) -> Callable[..., Any]:
+    """`verb` with `--store PATH` among its own options too: git users type options after the
+    verb (`adb log --store X`), and typer reads a group's options only before it."""
+
+    @functools.wraps(verb)
+    def wrapped(*args: Any, adb_store_path: str | None = None, **kwargs: Any) -> Any:
+        if adb_store_path:
+            os.environ["ADB_STORE"] = adb_store_path
+        return verb(*args, **kwargs)
+
+    signature = inspect.signature(verb, eval_str=True)  # typer needs types, not strings
+    option = inspect.Parameter(
+        "adb_store_path",
+        inspect.Parameter.KEYWORD_ONLY,
+        default=typer.Option(None, "--store", help=STORE_HELP),
+        annotation=str,
+    )
+    wrapped.__signature__ = signature.replace(  # type: ignore[attr-defined]
+        parameters=[*signature.parameters.values(), option]
+    )
+    wrapped.__annotations__ = {**verb.__annotations__, "adb_store_path": str}
+    return wrapped
+
+
 def _register() -> None:
     """Add every verb once: `main` runs many times in one process under the tests, and each
     duplicate registration made the next command's start-up slower."""
     if app.registered_commands:
         return
-    from adapterdb.cli import evaluate, history, maintenance, merge, run, train
+    from adapterdb.cli import evaluate, history, maintenance, merge, reset, run, status, train
 
-    for module in (history, maintenance, merge, train, evaluate, run):
+    for module in (history, status, reset, maintenance, merge, train, evaluate, run):
         module.register(app)
+    from adapterdb.cli import export, remote
+
+    remote.register(app)
+    export.register(app)
+    for verb in _verbs(app):
+        verb.callback = accepts_store(verb.callback)
+
+
+def _verbs(group: typer.Typer) -> list[Any]:
+    """Every verb of `group`: its commands, and its sub-groups' (`adb remote` itself, which
+    lists, and `adb remote add`)."""
+    found: list[Any] = list(group.registered_commands)
+    for sub in group.registered_groups:
+        own = sub.typer_instance.registered_callback
+        found += ([own] if own and own.callback else []) + _verbs(sub.typer_instance)
+    return found
 
 
 def _one_line(message: str) -> str:
@@ -81,6 +136,7 @@ def main() -> None:
     quiet_libraries()
     keep_freed_memory()
     _register()
+    chosen_store = os.environ.get("ADB_STORE")
     try:
         app()
     except AdbError as exc:
@@ -100,6 +156,15 @@ def main() -> None:
             raise
         sys.stderr.write("interrupted; the store is unchanged (refs move only at the end)\n")
         sys.exit(130)
+    finally:  # `--store` names this command's store only (the tests run many in one process)
+        _restore_env("ADB_STORE", chosen_store)
+
+
+def _restore_env(key: str, value: str | None) -> None:
+    if value is None:
+        os.environ.pop(key, None)
+    else:
+        os.environ[key] = value
 
 
 def _interrupted(exc: BaseException | None) -> bool:

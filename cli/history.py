@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -10,13 +11,18 @@ from rich.markup import escape
 from rich.table import Table
 
 from adapterdb.adapter import WEIGHTS_FILE, read_peft_raw, write_peft_raw
-from adapterdb.cli.output import console, emit_json, fmt, human_bytes, short, when
+from adapterdb.cli.output import console, emit_json, fmt, human_bytes, short, status_console, when
 from adapterdb.errors import AdbError, CorruptStateError
-from adapterdb.storage.commits import Commit, check_task_name
+from adapterdb.storage.commits import Commit
 from adapterdb.storage.refs import HEADS, TAGS, check_ref_name
 from adapterdb.storage.store import Store
+from adapterdb.trainers.branchstate import EVALS, EXPERTS, unmerged_experts
+from adapterdb.trainers.importing import check_import, import_adapter
 
 JSON = typer.Option(False, "--json", help="Print a JSON document instead of a table.")
+WRITE_JSON = typer.Option(
+    False, "--json", help="Print the new commit as a JSON document (progress goes to stderr)."
+)
 
 
 def init(path: Path = typer.Argument(Path("."), help="Folder to create .adb in.")) -> None:
@@ -31,27 +37,46 @@ def import_(
     branch: str = typer.Option(
         None, "--branch", "-b", help="Branch to commit to (default: HEAD's)."
     ),
+    expert: bool = typer.Option(
+        False,
+        "--expert",
+        help="Commit it as the branch's expert for --task (as `adb train` does), to merge later.",
+    ),
     message: str = typer.Option("", "--message", "-m"),
+    as_json: bool = WRITE_JSON,
 ) -> None:
     """Commit a PEFT adapter folder (Linear and Conv LoRA, any dtype)."""
     store = Store.find()
-    if task is not None:
-        check_task_name(task)
-    branch = check_ref_name(branch) if branch else store.refs.current_branch()
+    branch = check_import(store, task, branch, expert)
     config, tensors, metadata = read_peft_raw(peft_dir)
-    with console.status(f"storing {len(tensors)} tensors", spinner="dots"):
-        manifest = store.put_adapter(tensors, config, metadata)
-    commit = Commit(
-        manifest=manifest,
-        kind="import",
-        task=task,
-        base_model=config.get("base_model_name_or_path"),
-        message=message or f"import {peft_dir}",
-    )
-    oid = store.commit(commit, branch, retries=20)
+    with status_console(as_json).status(f"storing {len(tensors)} tensors", spinner="dots"):
+        oid, ref = import_adapter(
+            store,
+            config,
+            tensors,
+            metadata,
+            branch=branch,
+            task=task,
+            message=message or f"import {peft_dir}",
+            expert=expert,
+        )
+    if as_json:
+        emit_written(store, oid, ref)
+        return
     console.print(
-        f"[{branch} {short(oid)}] import: {len(tensors)} tensors from {peft_dir}", markup=False
+        f"[{ref.removeprefix(HEADS).removeprefix('refs/')} {short(oid)}] import: "
+        f"{len(tensors)} tensors from {peft_dir}",
+        markup=False,
     )
+
+
+def emit_written(
+    store: Store, oid: str, ref: str, warnings: Sequence[str] = (), **extra: Any
+) -> None:
+    """The `--json` answer of a writing verb: the new commit, the ref it moved, the warnings."""
+    branch = ref.removeprefix(HEADS) if ref.startswith(HEADS) else None
+    doc = {**_commit_row(oid, store.read_commit(oid)), "ref": ref, "branch": branch}
+    emit_json({**doc, "warnings": list(warnings), **extra})
 
 
 def _commit_row(oid: str, c: Commit) -> dict[str, Any]:
@@ -80,19 +105,33 @@ def _metrics_cell(c: Commit) -> str:
 def log(
     rev: str = typer.Argument("HEAD", help="Revision to start from."),
     limit: int = typer.Option(None, "-n", "--max-count", help="Show at most N commits."),
+    all_refs: bool = typer.Option(
+        False, "--all", help="Every ref's history: branches, tags, experts, eval records."
+    ),
     as_json: bool = JSON,
 ) -> None:
     """History of a revision: kind, task, method, metrics, message."""
     store = Store.find()
-    entries = store.log(rev, limit)
+    if all_refs:
+        entries = store.log_refs(_all_refs(store), limit)
+    else:
+        waiting = _waiting_note(store, rev)
+        if waiting and as_json:  # no history to list: an empty one for scripts
+            emit_json([])
+            return
+        if waiting:  # and the reason for people
+            console.print(waiting, markup=False, soft_wrap=True)
+            return
+        entries = [(oid, c, None) for oid, c in store.log(rev, limit)]
     if as_json:
-        emit_json([_commit_row(oid, c) for oid, c in entries])
+        emit_json([{**_commit_row(oid, c), **_ref_cell(ref)} for oid, c, ref in entries])
         return
     table = Table(box=None, pad_edge=False)
-    for col in ("commit", "date (UTC)", "kind", "task", "method", "metrics", "message"):
+    columns = ("commit", "date (UTC)", "kind", "task", "method", "metrics", "message")
+    for col in ("ref", *columns) if all_refs else columns:
         table.add_column(col)
-    for oid, c in entries:
-        table.add_row(
+    for oid, c, ref in entries:
+        cells = (
             short(oid),
             when(c.time),
             escape(c.kind),  # documents are data: '[/]' in one must print, not raise
@@ -101,7 +140,43 @@ def log(
             escape(_metrics_cell(c)),
             escape(c.message),
         )
+        table.add_row(*((escape(ref or ""), *cells) if all_refs else cells))
     console.print(table)
+
+
+def _ref_cell(ref: str | None) -> dict[str, str]:
+    return {} if ref is None else {"ref": ref}
+
+
+_REF_ORDER = (HEADS, TAGS, EXPERTS, EVALS)  # a commit several refs reach is marked by the first
+
+
+def _all_refs(store: Store) -> dict[str, str]:
+    """Full ref name -> commit for every ref, branches first, then tags, experts, evals."""
+    refs = {f"refs/{name}": oid for name, oid in store.refs.list("refs/").items()}
+    return {r: refs[r] for r in sorted(refs, key=lambda r: (_ref_group(r), r))}
+
+
+def _ref_group(ref: str) -> int:
+    """The position of `ref`'s kind in `_REF_ORDER`; any other ref comes after those."""
+    return next((i for i, p in enumerate(_REF_ORDER) if ref.startswith(p)), len(_REF_ORDER))
+
+
+def _waiting_note(store: Store, rev: str) -> str | None:
+    """For HEAD's branch with no commit yet but trained experts: what waits and how to merge
+    it (`adb train` commits experts only, so the branch is empty until the first merge)."""
+    ref, head = store.refs.head()
+    if ref is None or head is not None or rev not in ("HEAD", ref, ref.removeprefix(HEADS)):
+        return None
+    branch = ref.removeprefix(HEADS)
+    pending = unmerged_experts(store, branch)
+    if not pending:
+        return None
+    tasks = ", ".join(task for task, _, _ in pending)
+    return (
+        f"branch '{branch}' has no global adapter yet; {len(pending)} expert(s) wait to be "
+        f"merged ({tasks}): `adb merge --method pam` merges the newest, `adb status` lists them"
+    )
 
 
 def show(
@@ -203,10 +278,11 @@ def diff(
     as_json: bool = JSON,
 ) -> None:
     """Per tensor: relative L2, cosine, sign agreement, changed fraction; LoRA also on ΔW."""
-    side_a, side_b = _diff_side(a), _diff_side(b)  # bad revisions fail before torch loads
-    from adapterdb.compare import diff_adapters
+    from adapterdb.trainers.diff import diff_sources
+    from adapterdb.trainers.merge import open_source
 
-    result = diff_adapters(*side_a, *side_b)
+    store = None if all(Path(s).is_dir() for s in (a, b)) else Store.find()
+    result = diff_sources(open_source(a, store), open_source(b, store))
     if as_json:
         emit_json(result)
         return
@@ -244,22 +320,6 @@ def diff(
                 f"{len(result[key])} tensor(s) only in {label}: {', '.join(result[key][:5])}",
                 markup=False,
             )
-
-
-def _diff_side(spec: str) -> tuple[list[str], Any, dict[str, Any]]:
-    """(names, loader, PEFT config) for a store revision or a PEFT folder."""
-    from adapterdb.adapter import to_torch
-
-    if Path(spec).is_dir():
-        config, raw, _ = read_peft_raw(spec)
-        return sorted(raw), lambda n: to_torch(raw[n]), config
-    store = Store.find()
-    m = store.manifest_of(spec)
-    return (
-        sorted(m.tensors),
-        lambda n: to_torch(store.objects.get_tensor(m.tensors[n].id)),
-        m.config,
-    )
 
 
 def _list_refs(store: Store, prefix: str, current: str | None, as_json: bool) -> None:

@@ -8,11 +8,11 @@ import typer
 from rich.table import Table
 
 from adapterdb.adapter import WEIGHTS_FILE, write_peft_raw
-from adapterdb.cli.history import JSON
-from adapterdb.cli.output import console, emit_json, err_console, fmt, short
+from adapterdb.cli.history import JSON, WRITE_JSON, emit_written
+from adapterdb.cli.output import console, emit_json, err_console, fmt, short, status_console
 from adapterdb.errors import AdbError
 from adapterdb.storage.commits import check_task_name
-from adapterdb.storage.refs import check_ref_name
+from adapterdb.storage.refs import HEADS, branch_name
 from adapterdb.storage.store import Store
 
 
@@ -36,7 +36,7 @@ def _fresh_output(out: Path, force: bool) -> None:
 def merge(
     sources: list[str] = typer.Argument(None, help="Store revisions or PEFT folders."),
     method: str = typer.Option(
-        ..., "--method", "-M", help="pam, average, ties, dare, magmax, tall, condu, ..."
+        ..., "--method", "-M", help="pam, average, ties, dare, magmax, tall, condu, opcm, tsv, ..."
     ),
     param: list[str] = typer.Option(
         [], "--param", "-p", help="Method parameter key=value (repeatable)."
@@ -51,71 +51,73 @@ def merge(
         None, "-o", "--output", help="Write a PEFT folder (standalone merge)."
     ),
     into: str = typer.Option(
-        None, "--into", help="Merge into this branch's global adapter and commit."
+        None,
+        "--into",
+        help="Merge into this branch's global adapter and commit (default: HEAD's branch).",
     ),
     force: bool = typer.Option(
         False, "--force", help="PAM: accept experts trained without alignment; -o: overwrite."
     ),
     message: str = typer.Option("", "--message", "-m"),
+    as_json: bool = WRITE_JSON,
 ) -> None:
-    """Merge adapters: into a new PEFT folder (-o) or into a branch (--into, the continual step)."""
-    from adapterdb.merging import registry
+    """Merge adapters into a branch (HEAD's, or --into's: the continual step; with no SOURCES
+    the newest unmerged expert), or into a new PEFT folder (-o)."""
     from adapterdb.trainers import merge as wf
 
     sources = sources or []
-    if (out is None) == (into is None):
+    if out is not None and into is not None:
         raise AdbError(
-            "say where the result goes: -o DIR (a PEFT folder) or --into BRANCH (a commit)"
+            "say where the result goes: -o DIR (a PEFT folder) or --into BRANCH (a commit), "
+            "not both"
         )
-    check_space(space, rank)
-    algo = wf.ALIASES.get(method, method)
-    params = registry.parse_params(algo, param)
+    wf.check_space(space, rank)
+    params = wf.parse_params(method, param)
     if out is not None:
-        if method == "condu":
-            raise AdbError(
-                "condu keeps triggers in the store; use --into BRANCH, then `adb decouple`"
-            )
         if len(sources) < 1:
             raise AdbError("pass the adapters to merge: adb merge --method M SRC1 SRC2 ... -o DIR")
         _fresh_output(out, force)
         store = _store_or_none(sources)
         srcs = [wf.open_source(s, store) for s in sources]
-        warnings = wf.check_pam(srcs, force) if method == "pam" else []
-        result = wf.merge(algo, params, srcs, space, rank)
-        with console.status(f"merging {len(srcs)} adapters ({method}, {space})", spinner="dots"):
+        result = wf.merge_standalone(method, params, srcs, space, rank, force)
+        spinner = status_console(as_json).status(
+            f"merging {len(srcs)} adapters ({method}, {space})", spinner="dots"
+        )
+        with spinner:
             raw = wf.to_raw(result.tensors)
         write_peft_raw(out, result.config, raw, {})
-        _report([*warnings, *result.notes], result.errors)
-        console.print(f"wrote {len(raw)} merged tensors to {out}")
+        _report(result.notes, result.errors, as_json)
+        if as_json:
+            emit_json({"output": str(out), "method": method, "warnings": result.notes})
+        else:
+            console.print(f"wrote {len(raw)} merged tensors to {out}")
         return
     store = Store.find()
-    with console.status(f"merging into {into} ({method}, {space})", spinner="dots"):
-        outcome = wf.merge_into(
-            store, check_ref_name(into), method, params, sources, space, rank, force, message
+    branch = branch_name(into) if into else store.refs.current_branch("--into")
+    spinner = status_console(as_json).status(
+        f"merging into {branch} ({method}, {space})", spinner="dots"
+    )
+    with spinner:
+        outcome = wf.merge_into(store, branch, method, params, sources, space, rank, force, message)
+    _report(outcome.warnings, outcome.errors, as_json)
+    if as_json:
+        emit_written(
+            store, outcome.commit_id, HEADS + branch, outcome.warnings, errors=outcome.errors
         )
-    _report(outcome.warnings, outcome.errors)
-    console.print(f"[{into} {short(outcome.commit_id)}] merge ({method})", markup=False)
+        return
+    merged = store.read_commit(outcome.commit_id).message
+    console.print(
+        f"[{branch} {short(outcome.commit_id)}] {merged} (into branch {branch})", markup=False
+    )
 
 
-def check_space(space: str, rank: int | None) -> None:
-    """Refuse a space or rank that would be ignored or mean something else than it says:
-    `--rank 0` used to mean "default" and `--rank` with factors was silently dropped."""
-    if space not in ("factors", "product"):
-        raise AdbError(f"unknown space {space!r}; use factors or product")
-    if rank is not None and space != "product":
-        raise AdbError("--rank only applies to --space product (factor space keeps the ranks)")
-    from adapterdb.trainers.merge import check_rank  # imports torch: merge has it loaded
-
-    check_rank(rank)
-
-
-def _report(warnings: list[str], errors: dict[str, float]) -> None:
+def _report(warnings: list[str], errors: dict[str, float], as_json: bool = False) -> None:
     for w in warnings:
         err_console.print(f"warning: {w}", soft_wrap=True, markup=False)
     if errors:
         worst = max(errors.items(), key=lambda kv: kv[1])
         mean = sum(errors.values()) / len(errors)
-        console.print(
+        status_console(as_json).print(
             f"refactoring error (rel. Frobenius): mean {mean:.2e}, max {worst[1]:.2e} ({worst[0]})"
         )
 
@@ -199,6 +201,9 @@ def decouple(
     ),
     out: Path = typer.Option(..., "-o", "--output"),
     force: bool = typer.Option(False, "--force", help="Overwrite adapters already in OUT."),
+    as_json: bool = typer.Option(
+        False, "--json", help="Print the folders written (task -> folder) as a JSON document."
+    ),
 ) -> None:
     """Rebuild a task's expert from a ConDU commit (unified delta + trigger) as a PEFT folder."""
     from adapterdb.trainers import merge as wf
@@ -211,12 +216,16 @@ def decouple(
         raise AdbError(
             f"{rev} is not a ConDU commit (it has no triggers); merge with --method condu"
         )
+    written = {}
     for t in tasks:
         target = _task_folder(out, t) if all_tasks else out
         _fresh_output(target, force)
         raw, config = wf.decouple_task(store, rev, t)
         write_peft_raw(target, config, raw, {})
-        console.print(f"rebuilt expert '{t}' -> {target}")
+        written[t] = str(target)
+        status_console(as_json).print(f"rebuilt expert '{t}' -> {target}", markup=False)
+    if as_json:
+        emit_json({"commit": store.resolve(rev), "folders": written})
 
 
 def _task_folder(out: Path, task: str) -> Path:

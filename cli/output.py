@@ -10,8 +10,24 @@ from typing import Any
 
 from rich.console import Console
 
-console = Console(highlight=False)
-err_console = Console(stderr=True, highlight=False)
+# A pipe or a file is not 80 columns wide: rich would cut names and messages there (`adb log |
+# cat`), so output that is not a terminal gets a width no row reaches; tables still take only
+# the width their cells need.
+_UNCUT = 1_000_000
+
+
+def _width(stream: Any) -> int | None:
+    return None if stream.isatty() else _UNCUT
+
+
+console = Console(highlight=False, width=_width(sys.stdout))
+err_console = Console(stderr=True, highlight=False, width=_width(sys.stderr))
+
+
+def status_console(as_json: bool) -> Console:
+    """Where progress goes: stderr when stdout carries a JSON document, which it must not
+    break, and which must not leave a long command silent either."""
+    return err_console if as_json else console
 
 
 def _jsonable(value: Any) -> Any:

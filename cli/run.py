@@ -11,7 +11,7 @@ from rich.table import Table
 
 from adapterdb.cli.checks import at_least, name_list
 from adapterdb.cli.history import JSON
-from adapterdb.cli.output import console, emit_json
+from adapterdb.cli.output import console, emit_json, status_console
 from adapterdb.cli.train import THREADS, set_threads
 from adapterdb.errors import AdbError
 from adapterdb.storage.store import Store
@@ -67,11 +67,11 @@ def run(
     store = Store.find()
     seq = load_sequence(sequence_path(sequence))
     set_threads(threads)
-    say = (
-        (lambda _msg: None)
-        if as_json
-        else (lambda msg: console.print(msg, markup=False, soft_wrap=True))
-    )
+    out = status_console(as_json)  # a 35-minute run must not be silent with --json
+
+    def say(msg: str) -> None:
+        out.print(msg, markup=False, soft_wrap=True)
+
     result = run_sequence(store, seq, chosen, orders, seed, top_k, say, jobs=jobs)
     if as_json:
         emit_json(result.to_json())

@@ -9,10 +9,12 @@ import typer
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 from adapterdb.cli.checks import at_least
-from adapterdb.cli.output import console, err_console, short
+from adapterdb.cli.history import WRITE_JSON, emit_written
+from adapterdb.cli.output import console, err_console, short, status_console
 from adapterdb.errors import AdbError
-from adapterdb.storage.refs import check_ref_name
+from adapterdb.storage.refs import branch_name
 from adapterdb.storage.store import Store
+from adapterdb.trainers.branchstate import EXPERTS
 
 THREADS = typer.Option(
     None, "--threads", envvar="ADB_THREADS", help="CPU threads for torch (default: see README)."
@@ -40,12 +42,13 @@ def train(
         None, "--branch", "-b", help="Branch whose global adapter to start from."
     ),
     threads: int = THREADS,
+    as_json: bool = WRITE_JSON,
 ) -> None:
     """Train an expert on one task (PAM alignment on), commit it; the global stays as it is."""
     from adapterdb.trainers.config import load_task
 
     store = Store.find()
-    branch = check_ref_name(branch) if branch else store.refs.current_branch()
+    branch = branch_name(branch) if branch else store.refs.current_branch()
     task = load_task(task_file)  # a bad task file fails before torch is imported (seconds)
     from adapterdb.trainers.loop import train as run_training
 
@@ -59,7 +62,7 @@ def train(
         TimeElapsedColumn(),
         TimeRemainingColumn(),
     )
-    with Progress(*columns, console=console, transient=True) as bar:
+    with Progress(*columns, console=status_console(as_json), transient=True) as bar:
         handle = bar.add_task("train", total=None, loss=float("nan"), mis="-")
 
         def progress(step: int, total: int, loss: float, mis: float | None) -> None:
@@ -86,6 +89,10 @@ def train(
             else "no check ran"
         )
     )
+    if as_json:
+        warnings = [flag.message for flag in result.flags]
+        emit_written(store, result.commit_id, f"{EXPERTS}{branch}/{task.name}", warnings)
+        return
     console.print(
         f"[experts/{branch}/{task.name} {short(result.commit_id)}] {result.steps} steps on "
         f"{result.device} in {result.seconds:.1f}s, A_t = {result.accuracy:.4f}, "

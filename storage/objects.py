@@ -32,15 +32,15 @@ import struct
 import threading
 import time
 import weakref
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import AbstractContextManager, contextmanager
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from adapterdb import failpoints
-from adapterdb.durable import fsync_dir, pid_alive
+from adapterdb import failpoints, iopool
+from adapterdb.durable import fsync_dirs, pid_alive
 from adapterdb.errors import CorruptObjectError, NotFoundError
 from adapterdb.storage import codec
 from adapterdb.tensorfile import DTYPES, RawTensor
@@ -80,7 +80,7 @@ def _digest(*parts: bytes | np.ndarray | memoryview) -> str:
 
 def atomic_write(
     path: Path,
-    chunks: list[bytes | memoryview],
+    chunks: Iterable[bytes | memoryview],
     *,
     tmp_dir: Path | None = None,
     label: str = "file",
@@ -188,15 +188,13 @@ class ObjectStore:
         self._pin: Any = None  # this writer's pin file, open and flocked while it lives
         self._claimed: set[str] = set()
         self._healing: set[str] = set()  # found corrupt: rewritten by the next write of it
+        self._lazy: Callable[[str], bytes] | bool | None = None  # remote reader; None: unread
 
     def sync(self) -> None:
         """fsync the folders that received objects, so the renames survive a power cut."""
-        while True:
-            with self._lock:
-                if not self._unsynced:
-                    return
-                folder = self._unsynced.pop()
-            fsync_dir(folder, "object")
+        with self._lock:
+            folders, self._unsynced = self._unsynced, set()
+        fsync_dirs(folders, "object")
 
     # -- writers and gc --------------------------------------------------------------------
 
@@ -301,7 +299,8 @@ class ObjectStore:
         return self.dir / oid[:2] / oid[2:]
 
     def exists(self, oid: str) -> bool:
-        return self.path(oid).is_file()
+        """Stored here, or (a lazy clone) left on the remote, which a read fetches."""
+        return self.path(oid).is_file() or self.lazy()
 
     def _fresh(self, oid: str) -> bool:
         """True if `oid` is stored *intact*; False means the caller must write it.
@@ -415,9 +414,67 @@ class ObjectStore:
         try:
             blob = self.path(oid).read_bytes()
         except FileNotFoundError:
+            blob = None
+        return self._parse(oid, self._on_demand(oid) if blob is None else blob)
+
+    def _on_demand(self, oid: str) -> bytes:
+        """A missing object: a lazy clone fetches it from its remote (re-hashed, then kept);
+        any other store reports it missing."""
+        if not self.lazy():
             raise NotFoundError(
                 f"object {oid[:12]} is missing from the store; run `adb fsck` to see what else is"
-            ) from None
+            )
+        assert callable(self._lazy)
+        blob = self._lazy(oid)
+        self.adopt(oid, blob)  # a cache: not fsynced folder by folder, a lost one comes again
+        return blob
+
+    def prefetch(self, oids: Iterable[str]) -> None:
+        """A lazy clone fetches the objects it lacks among `oids` in parallel (a verb that
+        reads them one by one would wait for each round trip); elsewhere a no-op."""
+        if not self.lazy():
+            return
+        missing = sorted({o for o in oids if not self.path(o).is_file()})
+        if not missing:
+            return
+        iopool.run_all(lambda oid: self._on_demand(oid) and None, missing)  # kept on disk only
+
+    def adopt(self, oid: str, blob: bytes) -> None:
+        """Keep an object fetched from elsewhere: decoded and re-hashed first, so bytes that do
+        not match their name raise `CorruptObjectError` and never enter the store."""
+        self.decode(oid, blob)
+        self.keep(oid, blob)
+
+    def decode(self, oid: str, blob: bytes) -> Any:
+        """Bytes fetched from elsewhere, decoded and re-hashed against `oid` (the tensor, mask
+        or JSON value they hold); `CorruptObjectError` if they do not match it."""
+        return self._check(oid, *self._parse(oid, blob))
+
+    def keep(self, oid: str, blob: bytes) -> None:
+        """Store bytes that `decode` accepted (temp file, fsync, rename, as every object), so a
+        fetch can write them while it reads on; claimed (gc keeps it) until `release`, like a
+        written object."""
+        with self._shared():
+            self._claim(oid)
+        path = self.path(oid)
+        if path.is_file():
+            return
+        new_folder = not path.parent.is_dir()
+        atomic_write(path, [blob], tmp_dir=self.tmp_dir, label="object", guard=self._shared)
+        with self._lock:
+            self._unsynced.add(path.parent)
+            if new_folder:
+                self._unsynced.add(self.dir)
+
+    def lazy(self) -> bool:
+        """Whether objects missing here come from a remote on demand (a `clone --lazy`)."""
+        if self._lazy is None:  # read once, and only by stores that miss an object
+            from adapterdb.storage.remote import lazy_source
+
+            self._lazy = lazy_source(self.root) or False
+        return bool(self._lazy)
+
+    def _parse(self, oid: str, blob: bytes) -> tuple[bytes, dict[str, Any], list[memoryview]]:
         try:
             if blob[:4] != MAGIC:
                 raise ValueError("bad magic")
@@ -504,8 +561,12 @@ class ObjectStore:
     def verify(self, oid: str) -> None:
         """Decode and re-hash one object (its file read once); raises CorruptObjectError when
         it is damaged."""
-        kind, header, frames = self._read(oid)
+        self._check(oid, *self._read(oid))
+
+    def _check(
+        self, oid: str, kind: bytes, header: dict[str, Any], frames: list[memoryview]
+    ) -> Any:
         decoders = {b"T": self._tensor, b"M": self._mask, b"J": self._json}
         if kind not in decoders:
             raise self._corrupt(oid, "unknown object kind")
-        decoders[kind](oid, kind, header, frames)
+        return decoders[kind](oid, kind, header, frames)

@@ -49,6 +49,13 @@ def check_ref_name(name: str, what: str = "branch") -> str:
     return name
 
 
+def branch_name(name: str) -> str:
+    """A branch given as `main` or by its full ref name `refs/heads/main` (as git accepts
+    both), checked, without the prefix: `--into refs/heads/main` must not make a branch named
+    `refs/heads/main`."""
+    return check_ref_name(name.removeprefix(HEADS))
+
+
 @dataclass(frozen=True)
 class ReflogEntry:
     old: str | None
@@ -190,10 +197,15 @@ class RefStore:
         ref, oid = self.head_ref()
         return (ref, self.read(ref)) if ref else (None, oid)
 
-    def current_branch(self) -> str:
+    def current_branch(self, option: str = "--branch") -> str:
+        """HEAD's branch, as git commits and merges into the checked-out one; `option` is how
+        the caller's user names a branch instead (`--into BRANCH` for `adb merge`)."""
         ref, _ = self.head()
         if ref is None or not ref.startswith(HEADS):
-            raise AdbError("HEAD is detached; name a branch with --branch")
+            raise AdbError(
+                f"HEAD is detached; name the branch with {option} BRANCH "
+                "(or switch to one: adb branch NAME --switch)"
+            )
         return ref[len(HEADS) :]
 
     # -- writing ---------------------------------------------------------------------------

@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 import re
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from fnmatch import fnmatchcase
@@ -43,6 +43,7 @@ STORE_DIR = ".adb"
 FORMAT = "adapterdb-store 1"
 REFLOG_EXPIRE = 90 * 86400.0  # git's gc.reflogExpire default: 90 days
 _REV_RE = re.compile(r"^(?P<base>[^~^]+)(?P<ops>(?:[~^]\d*)*)$")
+_AT_RE = re.compile(r"(?P<name>[^@{}]*(?:@[^@{}]+)*)@\{(?P<n>\d{1,9})\}")  # main@{1}, @{1}
 # Hashing, zstd and byte copies release the GIL, and each object ends in an fsync that waits on
 # the disk, not the CPU: more workers than cores overlap those waits (measured: 252 fsyncs take
 # 1.6-2.2 s one after another, 0.2-0.3 s from 8+ threads).
@@ -206,7 +207,11 @@ class Store:
     # -- reading ---------------------------------------------------------------------------
 
     def read_commit(self, oid: str) -> Commit:
-        doc = self.objects.get_json(oid)
+        return self.parse_commit(oid, self.objects.get_json(oid))
+
+    @staticmethod
+    def parse_commit(oid: str, doc: Any) -> Commit:
+        """A commit from its stored JSON (read here, or downloaded and not yet stored)."""
         if not isinstance(doc, dict) or doc.get("type") != "commit":
             raise AdbError(f"{oid[:12]} is not a commit")
         return Commit.from_json(doc, oid)
@@ -224,15 +229,25 @@ class Store:
         self, manifest: Manifest, pattern: str | None = None
     ) -> Iterator[tuple[str, RawTensor]]:
         """Decoded, hash-verified tensors one at a time (stream: never the whole model)."""
-        for name in self.select(manifest, pattern):
+        names = self.select(manifest, pattern)
+        self.prefetch(manifest, names)
+        for name in names:
             yield name, self.objects.get_tensor(manifest.tensors[name].id)
 
     def load_tensors(self, manifest: Manifest, pattern: str | None = None) -> dict[str, RawTensor]:
         """All selected tensors, decoded in parallel (for checkout, which writes them at once)."""
         names = self.select(manifest, pattern)
+        self.prefetch(manifest, names)
         with ThreadPoolExecutor(_WORKERS) as pool:
             raws = pool.map(lambda n: self.objects.get_tensor(manifest.tensors[n].id), names)
             return dict(zip(names, raws, strict=True))
+
+    def prefetch(self, manifest: Manifest, names: Iterable[str] | None = None) -> None:
+        """A lazy clone fetches the tensors (`names`, default all) a reader is about to decode,
+        all at once in parallel: decoded one by one, each would wait for its own round trip to
+        the remote. A no-op on a full store."""
+        chosen = manifest.tensors if names is None else names
+        self.objects.prefetch(manifest.tensors[n].id for n in chosen)
 
     @staticmethod
     def select(manifest: Manifest, pattern: str | None) -> list[str]:
@@ -253,11 +268,13 @@ class Store:
         return self.refs.list(TAGS)
 
     def resolve(self, rev: str) -> str:
-        """A commit id from `main`, `v1`, `HEAD`, a (short) id, with `~N` / `^N` suffixes."""
+        """A commit id from `main`, `v1`, `HEAD`, a full ref name (`refs/heads/main`), a (short)
+        id or a reflog entry (`main@{1}`, `HEAD@{1}` and `@{1}` for HEAD's branch), with
+        `~N` / `^N` suffixes."""
         m = _REV_RE.fullmatch(rev.strip())
         if not m:
             raise NotFoundError(
-                f"'{rev}' is not a revision; use a branch, tag, commit id or HEAD~N"
+                f"'{rev}' is not a revision; use a branch, tag, commit id, HEAD~N or main@{{N}}"
             )
         oid = self._resolve_base(m["base"])
         for op, num in re.findall(r"([~^])(\d*)", m["ops"]):
@@ -280,11 +297,15 @@ class Store:
             ref, oid = self.refs.head()
             if oid is None:
                 raise NotFoundError(
-                    f"HEAD ({ref or 'detached'}) has no commits yet; `adb import` one"
+                    f"HEAD ({ref or 'detached'}) has no commits yet; `adb import` one, or "
+                    "`adb train` and `adb merge` (`adb status` shows what waits)"
                 )
             return oid
-        for prefix in (HEADS, TAGS, "refs/"):  # main, v1, experts/main/task
-            oid = self.refs.read(prefix + base) if check_name_quietly(base) else None
+        at = _AT_RE.fullmatch(base)
+        if at:
+            return self._reflog_entry(at["name"], int(at["n"]))
+        for ref in self._ref_candidates(base):  # main, v1, experts/main/task, refs/heads/main
+            oid = self.refs.read(ref)
             if oid:
                 return oid
         if re.fullmatch(r"[0-9a-f]{4,64}", base):
@@ -296,6 +317,47 @@ class Store:
                 raise AdbError(f"'{base}' is ambiguous ({len(commits)} commits); give more digits")
         raise NotFoundError(f"unknown revision '{base}'; see `adb log`, `adb branch` or `adb tag`")
 
+    def _ref_candidates(self, name: str) -> list[str]:
+        """The full refs a name may mean, in git's order: a full name (`refs/...`) as is, then
+        refs/heads/NAME, refs/tags/NAME, refs/NAME (`experts/main/t1`, as `adb train` prints)."""
+        if not check_name_quietly(name):
+            return []
+        exact = [name] if name.startswith("refs/") else []
+        return exact + [prefix + name for prefix in (HEADS, TAGS, "refs/", "refs/remotes/")]
+
+    def full_ref(self, name: str) -> str | None:
+        """The full ref `name` means (the first candidate that exists), or None."""
+        return next((r for r in self._ref_candidates(name) if self.refs.read(r)), None)
+
+    def reflog_ref(self, name: str) -> str:
+        """The ref whose reflog `name` means: HEAD's branch for `HEAD` or "", else the ref
+        `name` names, or a deleted one whose reflog is still kept (so a deletion can be
+        undone with `adb branch NAME NAME@{1}`)."""
+        if name in ("", "HEAD"):
+            ref, _ = self.refs.head_ref()
+            if ref is None:
+                raise AdbError("HEAD is detached, so it has no branch reflog; name a branch")
+            return ref
+        ref = self.full_ref(name) or next(
+            (r for r in self._ref_candidates(name) if self.refs.read_reflog(r).entries), None
+        )
+        if ref is None:
+            raise NotFoundError(f"no ref named '{name}'; see `adb branch` or `adb tag`")
+        return ref
+
+    def _reflog_entry(self, name: str, n: int) -> str:
+        """`NAME@{N}`: the commit NAME pointed at N moves ago (0 = now), from its reflog."""
+        ref = self.reflog_ref(name)
+        entries = self.refs.reflog(ref)[::-1]
+        if n >= len(entries):
+            raise NotFoundError(
+                f"'{name}@{{{n}}}': the reflog of {ref} has only {len(entries)} entries; "
+                f"`adb reflog {name or 'HEAD'}` lists them"
+            )
+        if entries[n].new is None:
+            raise NotFoundError(f"'{name}@{{{n}}}' is the deletion of {ref}; try {n + 1}")
+        return entries[n].new
+
     def _ids_with_prefix(self, prefix: str) -> list[str]:
         folder = self.objects.dir / prefix[:2]
         if not folder.is_dir():
@@ -305,18 +367,34 @@ class Store:
 
     def log(self, rev: str, limit: int | None = None) -> list[tuple[str, Commit]]:
         """Ancestors of `rev` (all parents), newest first."""
-        seen: dict[str, Commit] = {}
-        stack = [self.resolve(rev)]
-        while stack:
-            oid = stack.pop()
-            if oid in seen:
-                continue
-            seen[oid] = c = self.read_commit(oid)
-            stack.extend(c.parents)
-        ordered = sorted(seen.items(), key=lambda kv: kv[1].time, reverse=True)
-        return ordered[:limit] if limit else ordered
+        return [(oid, c) for oid, c, _ in self.log_refs({rev: self.resolve(rev)}, limit)]
+
+    def log_refs(
+        self, starts: Mapping[str, str], limit: int | None = None
+    ) -> list[tuple[str, Commit, str]]:
+        """Ancestors of every start (label -> commit id), newest first, each with its label:
+        the first start (in `starts`' order) that points at it, else the first whose history
+        holds it (`adb log --all` marks its rows so: a merged expert keeps its expert ref).
+        One walk: every commit is read once however many refs reach it."""
+        tips = {oid: label for label, oid in reversed(starts.items())}
+        seen: dict[str, tuple[Commit, str]] = {}
+        for label, start in starts.items():
+            stack = [start]
+            while stack:
+                oid = stack.pop()
+                if oid in seen:
+                    continue
+                c = self.read_commit(oid)
+                seen[oid] = (c, tips.get(oid, label))
+                stack.extend(c.parents)
+        ordered = sorted(seen.items(), key=lambda kv: kv[1][0].time, reverse=True)
+        return [(oid, c, label) for oid, (c, label) in ordered[: limit or None]]
 
     def stored_bytes(self, manifest: Manifest) -> int:
+        """Bytes the manifest's tensors take on disk; a lazy clone fetches them first (in one
+        parallel batch, as git's partial clone fetches what `show` needs): only stored
+        objects have a size."""
+        self.prefetch(manifest)
         return sum(
             self.objects.size(e.id) for e in {e.id: e for e in manifest.tensors.values()}.values()
         )
@@ -387,12 +465,33 @@ class Store:
         except AdbError as exc:
             errors.append(f"{label}: manifest of commit {oid[:12]}: {exc}")
             return
-        for name, e in manifest.tensors.items():
-            live.add(e.id)
-            if not self.objects.exists(e.id):
+        try:
+            nested = self.nested_tensors(commit)
+        except AdbError as exc:
+            errors.append(f"{label}: a manifest named in commit {oid[:12]}'s extra: {exc}")
+            nested = []
+        for name, tid in [*((n, e.id) for n, e in manifest.tensors.items()), *nested]:
+            live.add(tid)
+            if not self.objects.exists(tid):
                 errors.append(
-                    f"missing tensor '{name}' ({e.id[:12]}) of commit {oid[:12]} ({label})"
+                    f"missing tensor '{name}' ({tid[:12]}) of commit {oid[:12]} ({label})"
                 )
+
+    def nested_tensors(self, commit: Commit) -> list[tuple[str, str]]:
+        """(`key/name`, tensor id) of the manifests a commit names in `extra.objects` (a
+        merge's sources, a continual method's state): reachable through the commit, so gc
+        keeps them, fsck checks them and push sends them, as the commit's own tensors."""
+        out: list[tuple[str, str]] = []
+        for key, oid in commit.extra.get("objects", {}).items():
+            if not (isinstance(oid, str) and self.objects.exists(oid)):
+                continue  # missing objects are reported by the caller
+            if self.objects.kind(oid) != "json":
+                continue
+            doc = self.objects.get_json(oid)
+            if isinstance(doc, dict) and doc.get("type") == "manifest":
+                tensors = Manifest.from_json(doc, oid).tensors
+                out += [(f"{key}/{name}", e.id) for name, e in tensors.items()]
+        return out
 
     def fsck(self, progress: Any = None) -> FsckReport:
         """Re-hash every object, then check that refs, HEAD and reflogs parse and reach only

@@ -186,7 +186,6 @@ BAD = [
      "bad value for density"),
     (["merge", "--method", "ties", "-p", "bogus=1", "../a", "../b", "-o", "OUT"],
      "bad parameter 'bogus=1'"),
-    (["merge", "--method", "average", "../a", "../b"], "-o DIR"),
     (["merge", "--method", "average", "../a", "../b", "-o", "OUT", "--into", "main"], "-o DIR"),
     (["merge", "--method", "average", "../a", "../wide", "-o", "OUT"], f"tensor '{A}'"),
     (["merge", "--method", "average", "../a", "../r3", "-o", "OUT"], "--space product"),

@@ -12,6 +12,7 @@ from adapterdb.errors import AdbError, MismatchError
 from adapterdb.merging import get, merge_adapters, methods, parse_params, register, registry
 from adapterdb.merging.basic import AverageParams
 from adapterdb.merging.condu import EmrParams
+from adapterdb.merging.layers import LAYER_METHODS
 from adapterdb.merging.registry import Context, Layout, Params
 from adapterdb.merging.ties import TiesParams
 
@@ -39,8 +40,8 @@ def adapters(count: int, dtype: torch.dtype = torch.float32) -> list[dict[str, t
 
 
 def test_every_method_is_registered() -> None:
-    assert methods() == ALL
-    for name in ALL:
+    assert methods() == sorted([*ALL, *LAYER_METHODS])  # per-tensor, then whole-layer ones
+    for name in methods():
         assert get(name).name == name and isinstance(get(name).params(), Params)
 
 

@@ -24,6 +24,7 @@ from adapterdb.adapter import CONFIG_FILE, read_peft_raw, to_torch
 from adapterdb.lora import lora_pairs
 from adapterdb.merging import merge_adapters, methods, parse_params
 from adapterdb.merging.fullweights import merge_values, value_weights
+from adapterdb.merging.layers import LAYER_METHODS  # whole layers: test_continual_workflow
 from adapterdb.storage.store import Store
 from adapterdb.tensorkinds import Kind, classify, kind_of, values
 
@@ -120,7 +121,7 @@ def method_params(method: str) -> list[str]:
 
 
 @pytest.mark.parametrize("flavour", ["head", "dora"])
-@pytest.mark.parametrize("method", methods())
+@pytest.mark.parametrize("method", [m for m in methods() if m not in LAYER_METHODS])
 def test_every_method_merges_factors_as_before_and_values_as_weights(
     saved: dict[str, list[Path]], method: str, flavour: str
 ) -> None:

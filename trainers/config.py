@@ -37,6 +37,7 @@ FileFormat = Literal["jsonl", "json", "csv", "parquet", "imagefolder"]
 HF_TASKS: tuple[str, ...] = get_args(HfTask)
 FILE_FORMATS: tuple[str, ...] = get_args(FileFormat)
 _SUFFIX_FORMAT = {".jsonl": "jsonl", ".json": "json", ".csv": "csv", ".parquet": "parquet"}
+TASK_NAME = r"^[A-Za-z0-9][A-Za-z0-9._-]*$"  # a task names an expert ref: one safe segment
 
 
 def _anchor(path: Path, base_dir: Path | None) -> Path:
@@ -254,7 +255,7 @@ class AlignSpec(_Spec):
 class TaskConfig(_Spec):
     """One `task.yaml`: what to train, on what, and how."""
 
-    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$", max_length=100)
+    name: str = Field(pattern=TASK_NAME, max_length=100)
     model: ModelSpec
     data: DataSpec
     lora: LoraSpec = LoraSpec()

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import time
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -24,10 +24,9 @@ from adapterdb.metrics import cl_metrics
 from adapterdb.storage.commits import Commit, Manifest
 from adapterdb.storage.store import Store
 from adapterdb.trainers import runtime
+from adapterdb.trainers.branchstate import EVALS, eval_chain
 from adapterdb.trainers.config import TaskConfig, parse_task
 from adapterdb.trainers.merge import expert_tensor, open_source
-
-EVALS = "refs/evals/"
 
 
 class Evaluator:
@@ -82,14 +81,24 @@ def _zero_b(rt: runtime.Runtime) -> dict[str, torch.Tensor]:
 # -- tasks of a revision -------------------------------------------------------------------
 
 
+def lineage_experts(store: Store, rev: str) -> dict[str, tuple[str, Commit]]:
+    """Task -> (id, commit) of the first expert trained on it in `rev`'s history (oldest
+    first): the commit that holds the task file and the head's prototypes."""
+    experts: dict[str, tuple[str, Commit]] = {}
+    for oid, c in reversed(store.log(rev)):
+        if c.kind == "train" and c.params.get("task_file") and c.task not in experts:
+            experts[c.task] = (oid, c)
+    return experts
+
+
+def expert_task(oid: str, commit: Commit) -> TaskConfig:
+    """The task file an expert commit recorded."""
+    return parse_task(commit.params["task_file"], Path.cwd(), f"commit {oid[:10]}")
+
+
 def lineage_tasks(store: Store, rev: str) -> list[TaskConfig]:
     """Task files of every expert trained in `rev`'s history, oldest first (no repeats)."""
-    tasks: dict[str, TaskConfig] = {}
-    for oid, c in reversed(store.log(rev)):
-        doc = c.params.get("task_file") if c.kind == "train" else None
-        if doc and c.task not in tasks:
-            tasks[c.task] = parse_task(doc, Path.cwd(), f"commit {oid[:10]}")
-    return list(tasks.values())
+    return [expert_task(oid, c) for oid, c in lineage_experts(store, rev).values()]
 
 
 # -- evaluating a revision -----------------------------------------------------------------
@@ -146,42 +155,86 @@ def _routed(
     top_k: int,
     ev: Evaluator,
 ) -> tuple[dict[str, float], dict[str, Any]]:
-    """ConDU semantic aggregation: route each input to the top-K experts by prototype
-    similarity (max cosine of its base feature to a task's class prototypes), average their
-    logits. Experts are decoupled once; the tasks' prototypes come from the base model."""
-    if not commit.triggers:
-        raise AdbError("routing condu needs a ConDU commit (merge with --method condu)")
-    expert_tasks = list(commit.triggers)
+    """ConDU semantic aggregation over each task's eval split (`route`, `routed_logits`; the
+    same functions `adapterdb.trainers.router` runs on a user's batches). Experts are
+    decoupled once; the tasks' prototypes come from the base model."""
+    expert_tasks = condu_tasks(commit)
     by_name = {t.name: t for t in tasks}
     missing = [t for t in expert_tasks if t not in by_name]
     if missing:
         raise AdbError(
             f"routing needs the task files of every expert; missing: {', '.join(missing)}"
         )
-    protos = [F.normalize(ev.prototypes(by_name[t], config), dim=1) for t in expert_tasks]
+    protos = [ev.prototypes(by_name[t], config) for t in expert_tasks]
     started = time.perf_counter()
-    experts = {
-        t: {n: expert_tensor(store, u, commit.triggers[t], n) for n, u in unified.items()}
-        for t in expert_tasks
-    }
+    experts = decoupled_experts(store, commit, unified)
     decouple_seconds = time.perf_counter() - started
-    k = max(1, min(top_k, len(expert_tasks)))
     acc, hits = {}, {}
     for task in tasks:
-        feats = F.normalize(ev.base_eval_features(task, config), dim=1)
-        scores = torch.stack([(feats @ p.T).amax(1) for p in protos], 1)  # (N, experts)
-        chosen = scores.topk(k, dim=1).indices
-        total, labels = None, None
-        for e, name in enumerate(expert_tasks):
-            logits, labels = ev.logits(task, experts[name], config)
-            use = (chosen == e).any(1, keepdim=True).float()
-            total = logits * use if total is None else total + logits * use
-        assert total is not None and labels is not None
-        acc[task.name] = float((total.argmax(1) == labels).float().mean())
-        own = expert_tasks.index(task.name) if task.name in expert_tasks else None
-        if own is not None:
-            hits[task.name] = float((chosen == own).any(1).float().mean())
+        chosen = route(ev.base_eval_features(task, config), protos, top_k)
+        labels: list[torch.Tensor] = []
+
+        def logits(
+            e: int, task: TaskConfig = task, seen: list[torch.Tensor] = labels
+        ) -> torch.Tensor:
+            out, y = ev.logits(task, experts[expert_tasks[e]], config)
+            seen.append(y)
+            return out
+
+        total = routed_logits(chosen, logits, len(expert_tasks))
+        acc[task.name] = float((total.argmax(1) == labels[0]).float().mean())
+        if task.name in expert_tasks:
+            hits[task.name] = float((chosen == expert_tasks.index(task.name)).any(1).float().mean())
+    k = max(1, min(top_k, len(expert_tasks)))
     return acc, {"top_k": k, "routed_to_own_expert": hits, "decouple_seconds": decouple_seconds}
+
+
+def condu_tasks(commit: Commit) -> list[str]:
+    """The tasks of a ConDU merge commit (one trigger each), in the order they were merged."""
+    if not commit.triggers:
+        raise AdbError(
+            "routing needs a ConDU commit (merge with --method condu); this one is of kind "
+            f"{commit.kind!r}, method {commit.method!r}"
+        )
+    return list(commit.triggers)
+
+
+def decoupled_experts(
+    store: Store, commit: Commit, unified: Mapping[str, torch.Tensor]
+) -> dict[str, dict[str, torch.Tensor]]:
+    """Every task's expert τ̃_t = λ_t·M_t ⊙ τ_uni of a ConDU commit, by task."""
+    return {
+        t: {n: expert_tensor(store, u, trig, n) for n, u in unified.items()}
+        for t, trig in commit.triggers.items()
+    }
+
+
+def route(features: torch.Tensor, prototypes: Sequence[torch.Tensor], top_k: int) -> torch.Tensor:
+    """ConDU's semantic routing: (N, k) indices of the experts each input goes to, the top k
+    by the max cosine of its base feature to an expert task's class prototypes (k capped at
+    the number of experts). Computed on the CPU in float32, so that a GPU's reduced-precision
+    matmul cannot send an input elsewhere than the CPU does."""
+    feats = F.normalize(features.detach().float().cpu(), dim=1)
+    units = [F.normalize(p.detach().float().cpu(), dim=1) for p in prototypes]
+    scores = torch.stack([(feats @ p.T).amax(1) for p in units], 1)  # (N, experts)
+    return scores.topk(max(1, min(top_k, len(units))), dim=1).indices
+
+
+def routed_logits(
+    chosen: torch.Tensor, expert_logits: Callable[[int], torch.Tensor], experts: int
+) -> torch.Tensor:
+    """Per input, the mean of the logits of the experts `chosen` for it; `expert_logits(e)`
+    (all inputs through expert e) runs only for experts that some input goes to."""
+    total: torch.Tensor | None = None
+    for e in range(experts):
+        use = (chosen == e).any(1, keepdim=True)
+        if not bool(use.any()):
+            continue
+        logits = expert_logits(e)
+        part = logits * use.to(logits.device, logits.dtype)
+        total = part if total is None else total + part
+    assert total is not None  # every input goes to k >= 1 experts
+    return total / chosen.shape[1]
 
 
 # -- records -------------------------------------------------------------------------------
@@ -213,16 +266,6 @@ def record_eval(
 def eval_records(store: Store, commit_id: str, routing: str | None = None) -> dict[str, float]:
     """Latest accuracy per task recorded for `commit_id` (optionally of one routing mode)."""
     return _chain(store, store.refs.read(f"{EVALS}{commit_id}"), routing)
-
-
-def eval_chain(store: Store, oid: str | None) -> Iterator[Commit]:
-    """A chain of eval records, newest first: each record's previous one is its parent of kind
-    eval. Every record is read once."""
-    record = store.read_commit(oid) if oid else None
-    while record is not None:
-        yield record
-        parents = (store.read_commit(p) for p in record.parents)
-        record = next((c for c in parents if c.kind == "eval"), None)
 
 
 def _chain(store: Store, oid: str | None, routing: str | None = None) -> dict[str, float]:

@@ -15,7 +15,7 @@ import os
 import signal
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
@@ -23,8 +23,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from adapterdb.adapter import from_torch, to_torch
-from adapterdb.alignment import AlignReport, align_adapter_, alignment_thresholds
+from adapterdb.adapter import from_torch, plain_config, to_torch
+from adapterdb.aligner import Aligner
 from adapterdb.errors import AdbError
 from adapterdb.storage.commits import Commit
 from adapterdb.storage.store import Store
@@ -35,6 +35,7 @@ from adapterdb.trainers.health import Flag, Health
 from adapterdb.trainers.merge import EXPERTS
 
 PRECISION = {"fp32": "no", "bf16": "bf16", "fp16": "fp16"}
+NO_GLOBAL = "the branch has no global adapter yet"  # why an expert trained without alignment
 Progress = Callable[[int, int, float, float | None], None]  # step, total, loss, misaligned
 
 
@@ -107,14 +108,8 @@ def train(
     else:  # PEFT's init, seeded; a reused runtime also holds the last expert's weights
         runtime.fresh_lora(rt, task.optim.seed)
     live = runtime.lora_parameters(rt)
-    align_on = task.align.enabled and glob is not None
-    skipped = None if align_on or not task.align.enabled else "the branch has no global adapter yet"
-    if align_on:
-        assert glob is not None
-        thresholds = alignment_thresholds(
-            {n: glob[n] for n in live}, task.align.p, task.align.scope
-        )
-        glob = {n: glob[n].to(accel.device) for n in live}
+    aligner = _aligner(task, rt, glob)
+    skipped = NO_GLOBAL if task.align.enabled and glob is None else None
 
     params = [p for p in rt.peft.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=task.optim.weight_decay)
@@ -130,7 +125,6 @@ def train(
     probe_at = health_mod.probe_steps(steps) if probe else set()
     if probe:
         health.record_probe(0, probe())
-    checks: list[dict[str, float]] = []
     rt.loaded.train(True)
     batches = runtime.iter_forever(loader)
     misaligned: float | None = None
@@ -148,10 +142,9 @@ def train(
                     opt.step()
                     opt.zero_grad()
             sched.step()
-            if align_on and step % task.align.every == 0:
-                report = align_adapter_(live, glob, thresholds, task.align.reinit)  # type: ignore[arg-type]
+            report = aligner.step() if aligner else None
+            if report is not None:
                 misaligned = report.reset_fraction
-                checks.append(_check_row(step, report))
             value = float(loss.detach())
             if not math.isfinite(value):
                 raise diverged(task, step)
@@ -166,6 +159,7 @@ def train(
         raise diverged(task, steps)
     loop_seconds = time.perf_counter() - loop_started
     where = f"{accel.device} {task.optim.precision} x{accel.num_processes}"
+    checks = aligner.checks if aligner else []
     result = TrainResult(None, 0.0, steps, 0.0, checks, skipped, loop_seconds, where)
     if accel.is_main_process:
         result.accuracy = runtime.accuracy(rt)
@@ -181,6 +175,17 @@ def train(
         result.commit_id = commit_expert(store, branch, head, task, rt, result)
     barrier(accel.device)
     return result
+
+
+def _aligner(
+    task: TaskConfig, rt: runtime.Runtime, glob: dict[str, torch.Tensor] | None
+) -> Aligner | None:
+    """PAM's step against the branch's global adapter; None when alignment is off or there
+    is no global to align to (the first task of a branch)."""
+    if not task.align.enabled or glob is None:
+        return None
+    a = task.align
+    return Aligner(rt.peft, glob, a.p, a.every, a.reinit, a.scope)
 
 
 @contextmanager
@@ -319,16 +324,6 @@ def step_loss(rt: runtime.Runtime, batch: dict[str, Any], smoothing: float) -> t
     return F.cross_entropy(logits.float(), batch["labels"], label_smoothing=smoothing)
 
 
-def _check_row(step: int, report: AlignReport) -> dict[str, float]:
-    t = report.total
-    return {
-        "step": step,
-        "reset_fraction": report.reset_fraction,
-        "sign_conflicts": t.conflict_fraction,
-        "misaligned_top_p": t.misaligned_fraction,
-    }
-
-
 def commit_expert(
     store: Store,
     branch: str,
@@ -337,31 +332,55 @@ def commit_expert(
     rt: runtime.Runtime,
     result: TrainResult,
 ) -> str:
-    """Commit the trained LoRA (objects, then commit, then the expert ref)."""
-    tensors = {n: from_torch(t) for n, t in runtime.get_lora(rt).items()}
+    """Commit `adb train`'s expert: its LoRA, the task file, and the head's prototypes."""
     config = rt.peft.peft_config["default"].to_dict()
     config["base_model_name_or_path"] = base_model_id(task)
-    config = _jsonable(config)
-    manifest = store.put_adapter(tensors, config, {})
     objects = {}
     if rt.loaded.head is not None:
         objects["prototypes"] = store.objects.put_tensor(
             from_torch(rt.loaded.head.prototypes.cpu())
         )
+    params = {
+        "align": task.align.model_dump(),
+        "init": task.init,
+        "task_file": task.model_dump(mode="json"),
+        "fingerprint": task.fingerprint(),
+    }
+    evaluated = {"accuracy": {task.name: result.accuracy}}
+    return commit_trained(
+        store, branch, head, task.name, runtime.get_lora(rt), config, params, result, evaluated,
+        objects,
+    )  # fmt: skip
+
+
+def commit_trained(
+    store: Store,
+    branch: str,
+    head: str | None,
+    task: str,
+    tensors: Mapping[str, torch.Tensor],
+    config: Mapping[str, Any],
+    params: Mapping[str, Any],
+    result: TrainResult,
+    evaluated: Mapping[str, Any],
+    objects: Mapping[str, str],
+    message: str | None = None,
+) -> str:
+    """Commit a trained expert on `refs/experts/<branch>/<task>` (objects, then commit, then
+    the ref), with `head` as parent. The one builder of expert commits: `adb train` and
+    `PamCallback` record the same fields, so `adb merge --method pam` (which reads
+    `params.align`), `adb log` and the reports treat their experts alike."""
+    config = plain_config(dict(config))
+    manifest = store.put_adapter({n: from_torch(t) for n, t in tensors.items()}, config, {})
     commit = Commit(
         manifest=manifest,
         kind="train",
         parents=(head,) if head else (),
-        task=task.name,
+        task=task,
         method="train",
-        params={
-            "align": task.align.model_dump(),
-            "init": task.init,
-            "task_file": task.model_dump(mode="json"),
-            "fingerprint": task.fingerprint(),
-        },
-        base_model=config["base_model_name_or_path"],
-        eval={"accuracy": {task.name: result.accuracy}},
+        params=dict(params),
+        base_model=config.get("base_model_name_or_path"),
+        eval=dict(evaluated),
         stats={
             "steps": result.steps,
             "seconds": result.seconds,
@@ -371,10 +390,10 @@ def commit_expert(
             "device": result.device,
             "health": result.health,
         },
-        message=f"train {task.name}",
-        extra={"objects": objects, "branch": branch},
+        message=message or f"train {task}",
+        extra={"objects": dict(objects), "branch": branch},
     )
-    return store.commit(commit, ref=f"{EXPERTS}{branch}/{task.name}")
+    return store.commit(commit, ref=f"{EXPERTS}{branch}/{task}")
 
 
 def reuse_expert(store: Store, branch: str, oid: str) -> str:
@@ -399,15 +418,3 @@ def reuse_expert(store: Store, branch: str, oid: str) -> str:
 def base_model_id(task: TaskConfig) -> str:
     m = task.model
     return m.packaged or m.python or str(m.path)
-
-
-def _jsonable(value: Any) -> Any:
-    """PEFT configs hold sets and enums; make them plain JSON."""
-    if isinstance(value, dict):
-        return {str(k): _jsonable(v) for k, v in value.items()}
-    if isinstance(value, list | tuple | set | frozenset):
-        items = [_jsonable(v) for v in value]
-        return sorted(items, key=str) if isinstance(value, set | frozenset) else items
-    if hasattr(value, "value") and not isinstance(value, int | float | str | bool):
-        return value.value
-    return value

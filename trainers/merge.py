@@ -18,19 +18,29 @@ from typing import Any
 
 import torch
 
-from adapterdb.adapter import from_torch, lora_scale, read_peft_raw, to_torch, torch_dtype
+from adapterdb.adapter import (
+    Adapter,
+    check_adapter,
+    dtype_code,
+    from_torch,
+    lora_scale,
+    read_peft_raw,
+    to_torch,
+    torch_dtype,
+)
 from adapterdb.errors import AdbError, MismatchError
 from adapterdb.lora import delta_weight, lora_pairs, module_path, pair_scale
 from adapterdb.lowrank import dense_refactor, refactor
 from adapterdb.merging import registry
 from adapterdb.merging.condu import Unifier, decouple
 from adapterdb.merging.fullweights import merge_values
+from adapterdb.merging.layers import LAYER_METHODS
 from adapterdb.storage.commits import Commit, TensorEntry, Trigger, check_task_name
 from adapterdb.storage.store import Store
 from adapterdb.tensorfile import RawTensor
 from adapterdb.tensorkinds import classify, kind_of, summary
+from adapterdb.trainers.branchstate import EXPERTS, newest_unmerged_expert
 
-EXPERTS = "refs/experts/"
 LINEAR = frozenset({"average", "task_arithmetic", "finetune"})  # merged = Σ_t w_t τ_t
 ALIASES = {"pam": "average", "condu": "emr"}  # workflow names -> registry methods
 
@@ -82,10 +92,17 @@ class Source:
     commit_id: str | None = None
     commit: Commit | None = None
     manifest_id: str | None = None
+    store: Store | None = field(default=None, repr=False)  # the one `commit_id` is in
 
     @property
     def task(self) -> str | None:
         return self.commit.task if self.commit else None
+
+    def prefetch(self) -> None:
+        """Before a verb decodes every tensor: a lazy clone fetches them all in parallel (one
+        by one, each read would wait for its own round trip); a no-op for anything else."""
+        if self.store is not None and self.manifest_id:
+            self.store.prefetch(self.store.read_manifest(self.manifest_id))
 
 
 def open_source(spec: str, store: Store | None) -> Source:
@@ -106,7 +123,33 @@ def open_source(spec: str, store: Store | None) -> Source:
 
     layout = {n: (e.dtype, e.shape) for n, e in manifest.tensors.items()}
     tensors = LazyTensors(sorted(manifest.tensors), load, stored_layout(layout))
-    return Source(spec, tensors, manifest.config, layout, oid, commit, commit.manifest)
+    return Source(spec, tensors, manifest.config, layout, oid, commit, commit.manifest, store)
+
+
+def adapter_source(adapter: Adapter, label: str) -> Source:
+    """An in-memory `Adapter` (the Python API's) as a merge or diff input, checked first."""
+    config = check_adapter(adapter, label)
+    layout = {n: (dtype_code(t.dtype), tuple(t.shape)) for n, t in adapter.tensors.items()}
+    return Source(label, adapter.tensors, config, layout)
+
+
+def parse_params(method: str, args: Sequence[str]) -> registry.Params:
+    """`key=value` strings -> the typed parameters of a workflow method (pam takes average's,
+    condu emr's): one parser for `--param` and the Python API's keyword arguments."""
+    return registry.parse_params(ALIASES.get(method, method), args)
+
+
+def check_space(space: str, rank: int | None) -> None:
+    """Refuse a space or rank that would be ignored or mean something else than it says:
+    `--rank 0` used to mean "default" and `--rank` with factors was silently dropped."""
+    if space not in ("factors", "product"):
+        raise AdbError(f"unknown space {space!r}; use factors or product")
+    if rank is not None and space != "product":
+        raise AdbError(
+            "--rank only applies to --space product (rank= to space='product' in Python); "
+            "factor space keeps the ranks"
+        )
+    check_rank(rank)
 
 
 def check_layout(sources: Sequence[Source], space: str) -> None:
@@ -147,6 +190,7 @@ class MergeResult:
     config: dict[str, Any]
     errors: dict[str, float] = field(default_factory=dict)  # product space: refactoring error
     notes: list[str] = field(default_factory=list)  # what the user should know (printed)
+    objects: dict[str, str] = field(default_factory=dict)  # for the commit to keep, once consumed
 
 
 def value_note(names: Sequence[str]) -> list[str]:
@@ -170,6 +214,10 @@ def merge(
 ) -> MergeResult:
     """Merge `sources` with a registered method in factor or product space (lazy output;
     `reuse`: see `registry.merge_adapters`)."""
+    if method in LAYER_METHODS:  # whole-layer methods: trainers/continual.py (imports this)
+        from adapterdb.trainers.continual import layer_merge
+
+        return layer_merge(method, params, sources, rank)
     check_layout(sources, space)
     if space == "factors":
         tensors = [s.tensors for s in sources]
@@ -183,6 +231,31 @@ def merge(
     if space == "product":
         return product_merge(method, params, sources, rank)
     raise AdbError(f"unknown space {space!r}; use factors or product")
+
+
+def merge_standalone(
+    method: str,
+    params: registry.Params,
+    sources: Sequence[Source],
+    space: str = "factors",
+    rank: int | None = None,
+    force: bool = False,
+) -> MergeResult:
+    """A merge that is not committed (`adb merge -o`, `adapterdb.merge`): any workflow method
+    but ConDU, whose triggers only a commit keeps; PAM's sources checked as for `--into`.
+    PAM's warnings come first in the result's notes."""
+    if method == "condu":
+        raise AdbError(
+            "condu keeps triggers in the store; use --into BRANCH (Store.merge in Python), "
+            "then decouple"
+        )
+    if not sources:
+        raise AdbError("pass the adapters to merge: at least one")
+    check_space(space, rank)
+    warnings = check_pam(sources, force) if method == "pam" else []
+    result = merge(ALIASES.get(method, method), params, sources, space, rank)
+    result.notes[:0] = warnings
+    return result
 
 
 def check_equal_ranks(first: Source, other: Source) -> None:
@@ -223,37 +296,13 @@ def product_merge(
     check_rank(rank)
     first = sources[0]
     pairs, rest = lora_pairs(first.layout)
-    ranks = [s.layout[p.a][1][0] for s in sources for p in pairs if p.a in s.layout]
-    wanted = rank or max(ranks, default=1)
-    layer_rank = {p.module: min(wanted, full_rank(first.layout, p)) for p in pairs}
-    r = max(layer_rank.values(), default=wanted)
-    pattern = {module_path(m): lr for m, lr in layer_rank.items() if lr != r}
-    config = dict(first.config, r=r, rank_pattern=pattern)
+    layer_rank, config, notes = output_ranks(sources, rank)
     errors: dict[str, float] = {}
-    capped = sorted(m for m, lr in layer_rank.items() if lr < wanted)
-    notes = value_note(rest)
-    if capped:
-        notes.append(
-            f"rank {wanted} exceeds the full rank min(out, in) of {len(capped)} layer(s) (e.g. "
-            f"{module_path(capped[0])}: {layer_rank[capped[0]]}); capped there (a higher rank "
-            "only adds zeros)"
-        )
-
-    def out_scale(module: str) -> float:
-        return lora_scale(config, module_path(module), layer_rank[module])
 
     def factors(module: str, a: torch.Tensor, b: torch.Tensor, err: float, dtype: torch.dtype):
         errors[module] = err
         pair = next(p for p in pairs if p.module == module)
-        a_out, b_out = a.to(dtype), (b / out_scale(module)).to(dtype)
-        registry.check_result(pair.a, a_out, registry.Layout(dtype, a_out.shape))
-        registry.check_result(pair.b, b_out, registry.Layout(dtype, b_out.shape))
-        if a_out.shape[0] != layer_rank[module] or b_out.shape[1] != layer_rank[module]:
-            raise MismatchError(
-                f"refactored layer '{module}' has rank {a_out.shape[0]}/{b_out.shape[1]}, not "
-                f"{layer_rank[module]}; this is a bug, please report it"
-            )
-        return [(pair.a, a_out), (pair.b, b_out)]
+        return lora_output(pair, a, b, dtype, config, layer_rank[module])
 
     def stream() -> Iterator[tuple[str, torch.Tensor]]:
         if rest:
@@ -265,7 +314,7 @@ def product_merge(
         if method in LINEAR:
             w = linear_weights(method, params, len(sources))
             for pair in pairs:
-                terms = [_term(s, pair, c) for s, c in zip(sources, w, strict=True) if c != 0.0]
+                terms = [lora_term(s, pair, c) for s, c in zip(sources, w, strict=True) if c != 0.0]
                 dtype = torch_dtype(first.layout[pair.a][0])
                 rank_here = layer_rank[pair.module]
                 yield from factors(pair.module, *refactor(terms, rank_here, pair.module), dtype)
@@ -279,6 +328,48 @@ def product_merge(
             yield from factors(module, *dense_refactor(dw, layer_rank[module], module), dtype)
 
     return MergeResult(stream(), config, errors, notes)
+
+
+def output_ranks(
+    sources: Sequence[Source], rank: int | None
+) -> tuple[dict[str, int], dict[str, Any], list[str]]:
+    """Per LoRA layer, the rank a refactored merge gets: `rank`, else the largest input's,
+    capped at the layer's full rank; the output's PEFT config (capped layers in
+    `rank_pattern`) and the notes for the user (values merged as weights, capped layers)."""
+    first = sources[0]
+    pairs, rest = lora_pairs(first.layout)
+    ranks = [s.layout[p.a][1][0] for s in sources for p in pairs if p.a in s.layout]
+    wanted = rank or max(ranks, default=1)
+    layer_rank = {p.module: min(wanted, full_rank(first.layout, p)) for p in pairs}
+    r = max(layer_rank.values(), default=wanted)
+    pattern = {module_path(m): lr for m, lr in layer_rank.items() if lr != r}
+    config = dict(first.config, r=r, rank_pattern=pattern)
+    capped = sorted(m for m, lr in layer_rank.items() if lr < wanted)
+    notes = value_note(rest)
+    if capped:
+        notes.append(
+            f"rank {wanted} exceeds the full rank min(out, in) of {len(capped)} layer(s) (e.g. "
+            f"{module_path(capped[0])}: {layer_rank[capped[0]]}); capped there (a higher rank "
+            "only adds zeros)"
+        )
+    return layer_rank, config, notes
+
+
+def lora_output(
+    pair: Any, a: torch.Tensor, b: torch.Tensor, dtype: torch.dtype, config: Any, rank: int
+) -> list[tuple[str, torch.Tensor]]:
+    """Refactored factors (ΔW ≈ b·a, LoRA-shaped, scale folded in) as the output's A and B:
+    B divided by the output config's LoRA scale, both in the sources' dtype, checked."""
+    a_out = a.to(dtype)
+    b_out = (b / lora_scale(config, module_path(pair.module), rank)).to(dtype)
+    registry.check_result(pair.a, a_out, registry.Layout(dtype, a_out.shape))
+    registry.check_result(pair.b, b_out, registry.Layout(dtype, b_out.shape))
+    if a_out.shape[0] != rank or b_out.shape[1] != rank:
+        raise MismatchError(
+            f"refactored layer '{pair.module}' has rank {a_out.shape[0]}/{b_out.shape[1]}, not "
+            f"{rank}; this is a bug, please report it"
+        )
+    return [(pair.a, a_out), (pair.b, b_out)]
 
 
 def check_rank(rank: int | None) -> None:
@@ -299,7 +390,10 @@ def _subset(
     return LazyTensors(names, tensors.__getitem__, lambda n: registry.layout_of(tensors, n))
 
 
-def _term(source: Source, pair: Any, weight: float) -> tuple[torch.Tensor, torch.Tensor, float]:
+def lora_term(source: Source, pair: Any, weight: float) -> tuple[torch.Tensor, torch.Tensor, float]:
+    """(A, B, weight · LoRA scale) of one source's layer `pair`: the product-space merges and
+    the whole-layer workflow (trainers/continual.py) read layers through this one place, so a
+    missing layer is refused the same way everywhere."""
     try:
         a, b = source.tensors[pair.a], source.tensors[pair.b]
     except KeyError:
@@ -311,7 +405,7 @@ def _term(source: Source, pair: Any, weight: float) -> tuple[torch.Tensor, torch
 
 def _delta(source: Source, module: str, pairs: Sequence[Any]) -> torch.Tensor:
     pair = next(p for p in pairs if p.module == module)
-    a, b, scale = _term(source, pair, 1.0)
+    a, b, scale = lora_term(source, pair, 1.0)
     return delta_weight(a, b, scale)
 
 
@@ -332,11 +426,6 @@ def put_merged(store: Store, name_tensor: tuple[str, torch.Tensor]) -> tuple[str
 # -- merging into a branch -----------------------------------------------------------------
 
 
-def experts(store: Store, branch: str) -> dict[str, str]:
-    """Task -> expert commit id for every expert trained on `branch`."""
-    return store.refs.list(f"{EXPERTS}{branch}/")
-
-
 def trained_expert(store: Store, fingerprint: str, task: str) -> str | None:
     """Any expert of `task` trained with exactly this task file (any branch), if one exists:
     training is a function of the task file, so `adb run` reuses it instead of repeating it."""
@@ -347,19 +436,6 @@ def trained_expert(store: Store, fingerprint: str, task: str) -> str | None:
         ):
             return oid
     return None
-
-
-def newest_unmerged_expert(store: Store, branch: str) -> str:
-    """The most recent expert of `branch` that no commit in its history merged yet."""
-    head = store.refs.read(f"refs/heads/{branch}")
-    history = store.log(head) if head else []
-    merged = {oid for oid, _ in history} | {src for _, c in history for src in c.sources}
-    pending = [oid for oid in experts(store, branch).values() if oid not in merged]
-    if not pending:
-        raise AdbError(
-            f"branch '{branch}' has no unmerged expert; train one with `adb train` or pass SOURCES"
-        )
-    return max(pending, key=lambda oid: store.read_commit(oid).time)
 
 
 def check_pam(sources: Sequence[Source], force: bool) -> list[str]:
@@ -403,7 +479,9 @@ def merge_into(
 ) -> MergeOutcome:
     """Merge SOURCES (or the newest unmerged expert) into `branch`'s global adapter, commit.
 
-    `extra` adds fields to the commit's `extra` (e.g. `adb run`'s step key)."""
+    ConDU and the whole-layer methods (OPCM, TSV, ...: trainers/continual.py, which keeps
+    their state in the commit) have workflows of their own. `extra` adds fields to the
+    commit's `extra` (e.g. `adb run`'s step key)."""
     started = time.perf_counter()
     ref = f"refs/heads/{branch}"
     head = store.refs.read(ref)
@@ -419,7 +497,12 @@ def merge_into(
         params = dataclasses.replace(params, step=_merged_tasks(store, head) + 1)
     current = [replace(open_source(head, store), label=f"{branch}@{head[:10]}")] if head else []
     sources = current + new
-    if head is None and len(sources) == 1:
+    if algo in LAYER_METHODS:  # the method's state lives in the store: trainers/continual.py
+        from adapterdb.trainers.continual import layer_into
+
+        result = layer_into(store, current[0] if current else None, algo, params, new, rank)
+        warnings.extend(result.notes)
+    elif head is None and len(sources) == 1:
         result = MergeResult(iter(sources[0].tensors.items()), dict(sources[0].config))
         warnings.append("the branch was empty: the first source becomes the global adapter as is")
     else:
@@ -438,7 +521,7 @@ def merge_into(
         base_model=result.config.get("base_model_name_or_path"),
         stats={**_error_stats(result.errors), "seconds": time.perf_counter() - started},
         message=message or f"merge {', '.join(s.task or s.label for s in new)} with {method}",
-        extra={**(extra or {}), "objects": _source_objects(new)},
+        extra={**(extra or {}), "objects": {**_source_objects(new), **result.objects}},
     )
     oid = store.commit(commit, branch, expected=head)
     return MergeOutcome(oid, result.errors, warnings)
@@ -575,5 +658,7 @@ def decouple_task(store: Store, rev: str, task: str) -> tuple[dict[str, RawTenso
         known = ", ".join(triggers) or "none (not a ConDU commit)"
         raise AdbError(f"{rev} has no trigger for task '{task}'; its tasks: {known}")
     trig = triggers[task]
+    ids = [e.id for e in store.read_manifest(str(src.manifest_id)).tensors.values()]
+    store.objects.prefetch([*ids, *trig.masks.values()])  # a lazy clone: this task's, at once
     out = {n: from_torch(expert_tensor(store, src.tensors[n], trig, n)) for n in src.tensors}
     return out, src.config

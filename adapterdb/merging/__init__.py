@@ -6,7 +6,20 @@ every method treats tensors that are not task vectors (full weights, DoRA magnit
 `fullweights`.
 """
 
-from adapterdb.merging import basic, condu, dare, magmax, tall, ties
+from adapterdb.merging import (  # continual, dop, iso, knots, opcm, tsv: whole-layer (`layers`)
+    basic,
+    condu,
+    continual,
+    dare,
+    dop,
+    iso,
+    knots,
+    magmax,
+    opcm,
+    tall,
+    ties,
+    tsv,
+)
 from adapterdb.merging.condu import Unifier, continual_unify, decouple
 from adapterdb.merging.registry import (
     Context,
@@ -31,17 +44,23 @@ __all__ = [
     "check_sources",
     "check_tensors",
     "condu",
+    "continual",
     "continual_unify",
     "dare",
     "decouple",
+    "dop",
     "get",
+    "iso",
+    "knots",
     "magmax",
     "merge_adapters",
     "methods",
+    "opcm",
     "parse_params",
     "register",
     "tall",
     "tall_experts",
     "tall_masks",
     "ties",
+    "tsv",
 ]

@@ -25,12 +25,15 @@ import math
 import typing
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Generic, NamedTuple, TypeVar
+from typing import TYPE_CHECKING, Any, Generic, NamedTuple, TypeVar
 
 import torch
 
 from adapterdb.errors import AdbError, MismatchError
 from adapterdb.tensorkinds import Kind
+
+if TYPE_CHECKING:  # layers builds on this module's Params: imported for types only
+    from adapterdb.merging.layers import LayerMethod
 
 FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 CLI_ALIASES = {"lambda": "lam"}  # `lambda` is a Python keyword; the field is spelled `lam`
@@ -106,19 +109,26 @@ def register(
     return add
 
 
+def _layer_methods() -> Mapping[str, LayerMethod]:
+    """The whole-layer methods (`adapterdb.merging.layers`: OPCM, TSV, ...); imported late
+    because `layers` builds on this module's `Params`."""
+    from adapterdb.merging.layers import LAYER_METHODS
+
+    return LAYER_METHODS
+
+
 def methods() -> list[str]:
-    """Registered method names, sorted."""
-    return sorted(_METHODS)
+    """Registered method names, per-tensor and whole-layer, sorted."""
+    return sorted({*_METHODS, *_layer_methods()})
 
 
-def get(name: str) -> Method[Any]:
-    """The method called `name`; AdbError listing the known ones otherwise."""
-    try:
-        return _METHODS[name]
-    except KeyError:
-        raise AdbError(
-            f"unknown merge method {name!r}; choose one of: {', '.join(methods())}"
-        ) from None
+def get(name: str) -> Method[Any] | LayerMethod:
+    """The method called `name`: a per-tensor `Method` or a whole-layer `LayerMethod` (both
+    have `.name` and `.params`); AdbError listing the known ones otherwise."""
+    found = _METHODS.get(name) or _layer_methods().get(name)
+    if found is None:
+        raise AdbError(f"unknown merge method {name!r}; choose one of: {', '.join(methods())}")
+    return found
 
 
 def parse_params(method: str, args: Sequence[str]) -> Params:
@@ -345,6 +355,11 @@ def merge_adapters(
     from adapterdb.merging.fullweights import merge_values
 
     m = get(method)
+    if not isinstance(m, Method):
+        raise AdbError(
+            f"{method} merges whole LoRA layers, not tensor by tensor; run it through "
+            "`adb merge` or adapterdb.merge"
+        )
     p = m.params() if params is None else params
     if not isinstance(p, m.params):
         raise AdbError(f"{method}: expected {m.params.__name__}, got {type(p).__name__}")
