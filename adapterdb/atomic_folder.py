@@ -116,6 +116,7 @@ def write_staged(out: str | os.PathLike[str], fill: Callable[[Path], None]) -> P
         out = out.resolve()
     if out.exists() and not out.is_dir():
         raise AdbError(f"{out} is a file, not a folder; pass a folder to write the adapter to")
+    check_outside_stores(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     recover(out)
     tag = f"{os.getpid()}-{secrets.token_hex(4)}"
@@ -153,6 +154,26 @@ def write_staged(out: str | os.PathLike[str], fill: Callable[[Path], None]) -> P
         raise
     _move_in(stage, out)  # from here on a failure is finished by the next write, not undone
     return out
+
+
+def store_holding(path: Path) -> Path | None:
+    """The adb store folder (`.adb`, or a bare store: a folder with `FORMAT` and `objects/`)
+    that `path` is, or lies inside; None if there is none."""
+    for folder in (path.resolve(), *path.resolve().parents):
+        if (folder / "FORMAT").is_file() and (folder / "objects").is_dir():
+            return folder
+    return None
+
+
+def check_outside_stores(path: Path) -> None:
+    """Refuse to write user files into a store: the store reads every folder of its own
+    (refs/, pins/, tmp/, objects/) as its state, so an adapter written there breaks
+    later commands while `fsck` still passes."""
+    store = store_holding(path)
+    if store is not None:
+        raise AdbError(
+            f"{path} is inside the adb store {store}; write it to a folder outside the store"
+        )
 
 
 def write_text(path: Path, text: str) -> None:

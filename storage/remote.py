@@ -28,6 +28,7 @@ from typing import Any
 from urllib.parse import urlparse
 
 from adapterdb import iopool
+from adapterdb.atomic_folder import store_holding
 from adapterdb.errors import AdbError, ConflictError, CorruptObjectError, NotFoundError
 from adapterdb.storage.commits import Commit
 from adapterdb.storage.objects import atomic_write
@@ -143,7 +144,10 @@ def normal_url(url: str) -> str:
 
 def add_remote(store: Store, name: str, url: str, endpoint: str | None) -> Remote:
     check_remote_name(name)
-    open_transport(url, endpoint)  # refuses an unknown scheme or a bucket-less URL now
+    transport = open_transport(url, endpoint)  # refuses an unknown scheme or a bucket-less URL
+    folder = getattr(transport, "root", None)
+    if isinstance(folder, Path):
+        check_remote_folder(store, folder.resolve(), url)
     doc = read_config(store.root)
     table = doc.setdefault("remotes", {})
     if name in table:
@@ -152,6 +156,18 @@ def add_remote(store: Store, name: str, url: str, endpoint: str | None) -> Remot
     table[name] = {"url": remote.url, **({"endpoint": endpoint} if endpoint else {})}
     _write_config(store.root, doc)
     return remote
+
+
+def check_remote_folder(store: Store, folder: Path, url: str) -> None:
+    """A folder remote is a bare store of its own: not this store, not the folder holding it,
+    and not a folder inside any store (whose state it would become)."""
+    ours = store.root.resolve()
+    holder = store_holding(folder)
+    if folder in (ours, ours.parent) or (holder is not None and holder != folder):
+        raise AdbError(
+            f"{url!r} is this store, holds it, or lies inside a store; a folder remote is a "
+            "folder of its own (e.g. ../shared)"
+        )
 
 
 def remove_remote(store: Store, name: str) -> None:

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from adapterdb import failpoints
+from adapterdb.atomic_folder import check_outside_stores
 from adapterdb.errors import (
     AdbError,
     ConflictError,
@@ -86,6 +87,7 @@ class Store:
         root = Path(path) / STORE_DIR
         if (root / "FORMAT").exists():
             raise AdbError(f"{root} is already a store; use it, or pass another PATH")
+        check_outside_stores(Path(path))
         if root.exists() and any(root.iterdir()):
             raise AdbError(f"{root} exists and is not empty; remove it or pass another PATH")
         for sub in ("objects", "refs/heads", "refs/tags", "logs"):

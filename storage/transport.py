@@ -288,7 +288,13 @@ def _s3_client(endpoint: str | None) -> Any:
         max_pool_connections=64,
     )
     session = boto3.session.Session(botocore_session=_botocore_session())
-    client = session.client("s3", endpoint_url=endpoint, config=config)
+    try:
+        client = session.client("s3", endpoint_url=endpoint, config=config)
+    except ValueError as exc:  # botocore: "Invalid endpoint: ..." (AWS_ENDPOINT_URL or --endpoint)
+        raise AdbError(
+            f"the S3 endpoint is not a URL ({exc}); pass --endpoint http(s)://HOST:PORT or fix "
+            "AWS_ENDPOINT_URL"
+        ) from None
     with _LOADER_LOCK:
         return _CLIENTS.setdefault(key, client)
 
@@ -342,6 +348,11 @@ def open_transport(url: str, endpoint: str | None = None) -> Transport:
     if endpoint:
         raise AdbError("--endpoint is for s3:// remotes; a folder remote takes no endpoint")
     if parsed.scheme == "file":
+        if parsed.netloc not in ("", "localhost"):
+            raise AdbError(
+                f"{url!r} names host {parsed.netloc!r}; a file URL is file:///absolute/path "
+                "(three slashes), or pass the folder path itself"
+            )
         return FolderTransport(Path(unquote(parsed.path)), url)
     if parsed.scheme and len(parsed.scheme) > 1:  # 'c:' would be a drive, not a scheme
         raise AdbError(

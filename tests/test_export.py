@@ -105,6 +105,9 @@ def test_export_without_base_writes_the_peft_folder(ws: Path) -> None:
         (["nope", "--merged-into", "bert"], "'nope'"),
         (["main", "--merged-into", "bert", "-o", "full"], "not empty; pass --force"),
         (["main", "-o", "full"], "not empty; pass --force"),
+        (["main", "--merged-into", "bert", "-o", "bert", "--force"], "would overwrite the base"),
+        (["main", "--merged-into", "bert", "-o", "bert/sub"], "would overwrite the base"),
+        (["main", "-o", ".adb/tmp/x"], "inside the adb store"),
     ],
 )
 def test_bad_input_is_one_line_and_writes_nothing(ws: Path, args: list[str], says: str) -> None:

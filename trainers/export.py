@@ -61,6 +61,13 @@ def export(
     """Write `rev` to `out`: its PEFT folder, or with `merged_into` (a transformers model
     folder) the full model with the adapter folded into the weights."""
     check_output(out, force)
+    if merged_into is not None and (
+        out.resolve() == merged_into.resolve() or merged_into.resolve() in out.resolve().parents
+    ):
+        raise AdbError(
+            f"-o {out} is the base model folder {merged_into} (or inside it): exporting would "
+            "overwrite the base; pass another -o"
+        )
     oid = store.resolve(rev)
     manifest = store.read_manifest(store.read_commit(oid).manifest)
     raw = store.load_tensors(manifest)

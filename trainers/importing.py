@@ -7,6 +7,7 @@ arrive as raw bytes (a folder's, or `from_torch` of an in-memory adapter's).
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping
 from typing import Any
 
@@ -16,6 +17,7 @@ from adapterdb.storage.refs import HEADS, branch_name
 from adapterdb.storage.store import Store
 from adapterdb.tensorfile import RawTensor
 from adapterdb.trainers.branchstate import EXPERTS
+from adapterdb.trainers.config import TASK_NAME
 
 
 def target_branch(store: Store, branch: str | None) -> str:
@@ -31,6 +33,11 @@ def check_import(
     An expert is filed under its task (`refs/experts/BRANCH/TASK`), so it must name one."""
     if task is not None:
         check_task_name(task)
+        if not re.fullmatch(TASK_NAME, task) or task.endswith(".lock"):  # as task.yaml's name
+            raise AdbError(
+                f"task name {task!r} is not allowed: it names the expert ref "
+                "refs/experts/BRANCH/TASK, so use letters, digits, '-', '_' or '.' only"
+            )
     elif expert:
         raise AdbError("an expert belongs to a task; pass its name (--task NAME, task=NAME)")
     if not kind.isidentifier():
