@@ -82,7 +82,7 @@ class Aligner:
     ) -> None:
         check_settings(p, every, reinit, scope)
         self.every, self.reinit = every, reinit
-        self.params = lora_parameters(_unwrap(model))
+        self.params = lora_parameters(unwrap(model))
         glob = _matching(self.params, _global_tensors(global_adapter))
         self.thresholds = alignment_thresholds(glob, p, scope)
         self.global_ = glob
@@ -119,7 +119,7 @@ class Aligner:
                 self.global_[name] = self.global_[name].to(param.device)
 
 
-def _unwrap(model: torch.nn.Module) -> torch.nn.Module:
+def unwrap(model: torch.nn.Module) -> torch.nn.Module:
     """The model inside DDP / FSDP / DeepSpeed / torch.compile wrappers: their parameter
     names carry a `module.` or `_orig_mod.` prefix that no saved adapter has."""
     from accelerate.utils import extract_model_from_parallel

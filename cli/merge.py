@@ -12,8 +12,9 @@ from adapterdb.cli.history import JSON, WRITE_JSON, emit_written
 from adapterdb.cli.output import console, emit_json, err_console, fmt, short, status_console
 from adapterdb.errors import AdbError
 from adapterdb.storage.commits import check_task_name
-from adapterdb.storage.refs import HEADS, branch_name
+from adapterdb.storage.refs import HEADS
 from adapterdb.storage.store import Store
+from adapterdb.trainers.importing import target_branch
 
 
 def _store_or_none(specs: list[str]) -> Store | None:
@@ -93,7 +94,7 @@ def merge(
             console.print(f"wrote {len(raw)} merged tensors to {out}")
         return
     store = Store.find()
-    branch = branch_name(into) if into else store.refs.current_branch("--into")
+    branch = target_branch(store, into, "--into")
     spinner = status_console(as_json).status(
         f"merging into {branch} ({method}, {space})", spinner="dots"
     )

@@ -17,7 +17,7 @@ from typing import Any, Literal, Protocol
 import torch
 from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 
-from adapterdb.aligner import Aligner, GlobalAdapter, check_settings
+from adapterdb.aligner import Aligner, GlobalAdapter, check_settings, unwrap
 from adapterdb.alignment import Reinit, Scope
 from adapterdb.errors import AdbError
 from adapterdb.storage.refs import check_ref_name
@@ -187,9 +187,7 @@ def open_store(store: StoreLike | None) -> Store:
 
 def peft_model(model: torch.nn.Module | None) -> Any:
     """The PEFT model the Trainer trains, outside any DDP / FSDP / compile wrapper."""
-    from accelerate.utils import extract_model_from_parallel
-
-    inner = None if model is None else extract_model_from_parallel(model, keep_torch_compile=False)
+    inner = None if model is None else unwrap(model)
     if inner is None or not hasattr(inner, "peft_config"):
         raise AdbError(
             f"PamCallback needs a PEFT model, got {type(inner).__name__}; wrap it with "

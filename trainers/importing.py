@@ -20,9 +20,10 @@ from adapterdb.trainers.branchstate import EXPERTS
 from adapterdb.trainers.config import TASK_NAME
 
 
-def target_branch(store: Store, branch: str | None) -> str:
-    """`branch` checked, or HEAD's branch when None (as git commits to the checked-out one)."""
-    return branch_name(branch) if branch else store.refs.current_branch()
+def target_branch(store: Store, branch: str | None, option: str = "--branch") -> str:
+    """`branch` checked, or HEAD's branch when None (as git commits to the checked-out one);
+    `option` is how the caller's user names a branch instead, for the detached-HEAD line."""
+    return branch_name(branch) if branch else store.refs.current_branch(option)
 
 
 def check_import(
